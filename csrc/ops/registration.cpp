@@ -1,0 +1,48 @@
+// Every qdec operator schema, declared once. Kernels live one file per op and
+// dispatch key: csrc/ops/cpu/<op>.cpp and csrc/ops/cuda/<op>.cu. The Python
+// wrappers (with fake kernels) are in qdec/ops.py, the executable spec in
+// qdec/reference.py.
+//
+// Shared conventions (bit layout: csrc/include/qdec/bitpack.h):
+//   x          float32 | float16 | bfloat16, [*, K] (leading dims flattened)
+//   qweight    int32 [N, ceil(K/32) * bits], codes of W[N, K]
+//   scales     [N, ceil(K/G)], same dtype as x (for dequantize: any float)
+//   zeros      optional, like scales, in code units (w = (q - z) * s);
+//              None means symmetric: z = 2^(bits-1)
+//   group_size G: a positive multiple of 32, or -1 for one group per row
+//   residual   int32 [K, ceil(N/32) * residual_bits]: row j = input channel j
+//   residual_scales float32 [N]: r = (q - 2^(residual_bits-1)) * scale[n]
+//   channels   int64 [*, k], input-channel indices
+// All math accumulates in float32.
+#include <torch/library.h>
+
+TORCH_LIBRARY(qdec, m) {
+  // W = (q - z) * s as a dense [N, in_features] tensor of scales' dtype.
+  // in_features is needed because rows are padded to whole 32-value blocks.
+  m.def(
+      "dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+      "int group_size, SymInt in_features) -> Tensor");
+
+  // y[*, N] = x[*, K] @ W^T with W held packed; output dtype = x dtype.
+  m.def(
+      "quantized_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, "
+      "int bits, int group_size) -> Tensor");
+
+  // Indices [*, k] (int64) of the k largest |x| per row, ordered by
+  // descending |x|; ties go to the smaller index; NaN ranks as +inf.
+  // k is a fixed capacity, so shapes stay static for graphs and compile.
+  m.def("outlier_select(Tensor x, int k) -> Tensor");
+
+  // Dequantized residual rows for the chosen channels: float32 [*, k, N],
+  // out[..., i, n] = R[n, channels[..., i]].
+  m.def(
+      "residual_gather(Tensor residual, Tensor residual_scales, Tensor channels, "
+      "int residual_bits) -> Tensor");
+
+  // y = x @ W^T + sum_{j in S} R[:, j] * x[j] per row, S = outlier_select(x, k)
+  // or the given channels ([*, k]). k = 0 returns exactly quantized_matmul.
+  m.def(
+      "compensated_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, "
+      "int bits, int group_size, Tensor residual, Tensor residual_scales, "
+      "int residual_bits, int k, Tensor? channels=None) -> Tensor");
+}

@@ -21,7 +21,7 @@ TORCH_LIBRARY(qdec, m) {
   // in_features is needed because rows are padded to whole 32-value blocks.
   m.def(
       "dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
-      "int group_size, SymInt in_features) -> Tensor");
+      "int group_size, int in_features) -> Tensor");
 
   // y[*, N] = x[*, K] @ W^T with W held packed; output dtype = x dtype.
   m.def(

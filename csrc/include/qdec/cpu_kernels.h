@@ -1,0 +1,125 @@
+// Torch-free CPU kernels: raw pointers, sizes, and a half-open range of rows
+// so the ATen glue (csrc/ops/cpu/*.cpp) can split work across threads.
+// Everything here is float32; the glue converts fp16/bf16 inputs once, which
+// costs O(B*K + N*groups), far below the O(N*K) decode work.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "qdec/bitpack.h"
+
+namespace qdec::cpu {
+
+// Geometry of a packed base weight W[N, K] with groups of G along K.
+struct PackedWeight {
+  const uint32_t* qweight;  // [N, words_per_row]
+  const float* scales;      // [N, groups]
+  const float* zeros;       // [N, groups], or nullptr for symmetric
+  int64_t N, K, G, groups, words_per_row;
+};
+
+// Dequantizes row n of W into out[0..K). Group parameters change only at
+// block boundaries because G is a multiple of 32 (or the whole row).
+template <int BITS>
+inline void dequantize_row(const PackedWeight& w, int64_t n, float* out) {
+  const uint32_t* row = w.qweight + n * w.words_per_row;
+  const float* s = w.scales + n * w.groups;
+  const float* z = w.zeros ? w.zeros + n * w.groups : nullptr;
+  const float sym_zero = static_cast<float>(1 << (BITS - 1));
+  uint32_t codes[kBlock];
+  const int64_t blocks = (w.K + kBlock - 1) / kBlock;
+  for (int64_t c = 0; c < blocks; ++c) {
+    unpack_block<BITS>(row + c * BITS, codes);
+    const int64_t k0 = c * kBlock;
+    const int64_t g = k0 / w.G;
+    const float scale = s[g];
+    const float zero = z ? z[g] : sym_zero;
+    const int64_t len = std::min<int64_t>(kBlock, w.K - k0);
+    for (int64_t i = 0; i < len; ++i)
+      out[k0 + i] = (static_cast<float>(codes[i]) - zero) * scale;
+  }
+}
+
+// out[n, :] for n in [n_begin, n_end): the dense float32 weight.
+template <int BITS>
+void dequantize_rows(const PackedWeight& w, int64_t n_begin, int64_t n_end, float* out) {
+  for (int64_t n = n_begin; n < n_end; ++n) dequantize_row<BITS>(w, n, out + n * w.K);
+}
+
+// y[b, n] = sum_k x[b, k] * W[n, k] for n in [n_begin, n_end), all b < B.
+// Each weight row is decoded once into `row_buf` (K floats) and reused for all
+// B activation rows: decode is the expensive part, so it must not scale with B.
+template <int BITS>
+void gemv_rows(const PackedWeight& w, const float* x, int64_t B, int64_t n_begin, int64_t n_end,
+               float* y, float* row_buf) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    dequantize_row<BITS>(w, n, row_buf);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * w.K;
+      float acc = 0.f;
+      for (int64_t k = 0; k < w.K; ++k) acc += xb[k] * row_buf[k];
+      y[b * w.N + n] = acc;
+    }
+  }
+}
+
+// Ranking key of |x|: NaN ranks as +inf (like torch.topk, NaN is "largest").
+inline float outlier_key(float v) {
+  const float a = std::fabs(v);
+  return std::isnan(a) ? std::numeric_limits<float>::infinity() : a;
+}
+
+// Indices of the k largest |x[0..K)| into out[0..k), by descending |x|,
+// ties to the smaller index. O(K + k log k) with nth_element + sort of the
+// top k. `scratch` holds K int64 values.
+inline void outlier_select_row(const float* x, int64_t K, int64_t k, int64_t* out,
+                               int64_t* scratch) {
+  if (k == 0) return;
+  std::iota(scratch, scratch + K, int64_t{0});
+  // A strict total order (key desc, index asc) makes the result unique, so
+  // it does not depend on the std:: algorithm's implementation.
+  auto before = [x](int64_t a, int64_t b) {
+    const float ka = outlier_key(x[a]), kb = outlier_key(x[b]);
+    return ka > kb || (ka == kb && a < b);
+  };
+  if (k < K) std::nth_element(scratch, scratch + k, scratch + K, before);
+  std::sort(scratch, scratch + k, before);
+  std::copy(scratch, scratch + k, out);
+}
+
+// Geometry of a residual store: R^T[K, N] packed with one input channel a row.
+struct PackedResidual {
+  const uint32_t* residual;  // [K, words_per_row]
+  const float* scales;       // [N]
+  int64_t K, N, words_per_row;
+};
+
+// y[0..N) += alpha * R[:, j]. Codes are offset by 2^(BITS-1) (symmetric).
+template <int BITS>
+inline void residual_axpy(const PackedResidual& r, int64_t j, float alpha, float* y) {
+  const uint32_t* row = r.residual + j * r.words_per_row;
+  const float offset = static_cast<float>(1 << (BITS - 1));
+  uint32_t codes[kBlock];
+  const int64_t blocks = (r.N + kBlock - 1) / kBlock;
+  for (int64_t c = 0; c < blocks; ++c) {
+    unpack_block<BITS>(row + c * BITS, codes);
+    const int64_t n0 = c * kBlock;
+    const int64_t len = std::min<int64_t>(kBlock, r.N - n0);
+    for (int64_t i = 0; i < len; ++i)
+      y[n0 + i] += alpha * ((static_cast<float>(codes[i]) - offset) * r.scales[n0 + i]);
+  }
+}
+
+// out[0..N) = R[:, j] (the dequantized residual row of input channel j).
+template <int BITS>
+inline void residual_row(const PackedResidual& r, int64_t j, float* out) {
+  std::fill(out, out + r.N, 0.f);
+  residual_axpy<BITS>(r, j, 1.f, out);
+}
+
+}  // namespace qdec::cpu

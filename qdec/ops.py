@@ -1,0 +1,151 @@
+"""Typed Python wrappers of the ``torch.ops.qdec`` operators, each with its fake
+(meta) kernel beside it for ``torch.compile``, export and ``opcheck``.
+
+Schemas: ``csrc/ops/registration.cpp``. CPU kernels: ``csrc/ops/cpu/<op>.cpp``.
+CUDA kernels: ``csrc/ops/cuda/<op>.cu``. Specification: :mod:`qdec.reference`.
+
+Shared argument conventions (K = in_features, N = out_features, G = group size):
+
+- ``x``: float32 | float16 | bfloat16 ``[*, K]``.
+- ``qweight``: int32 ``[N, ceil(K/32) * bits]``, the codes of ``W[N, K]`` in the
+  layout of :mod:`qdec.packing`.
+- ``scales``: ``[N, ceil(K/G)]``, same dtype as ``x``; ``zeros``: same shape and
+  dtype, in code units (``w = (q - z) * s``), or ``None`` for symmetric
+  (``z = 2**(bits-1)``).
+- ``group_size``: a positive multiple of 32, or -1 for one group per row; the
+  last group may be ragged when K is not a multiple of G.
+- ``residual``: int32 ``[K, ceil(N/32) * residual_bits]`` (row j = input channel
+  j); ``residual_scales``: float32 ``[N]``; ``r = (q - 2**(bits-1)) * scale[n]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compensated_linear",
+    "dequantize",
+    "outlier_select",
+    "quantized_matmul",
+    "residual_gather",
+]
+
+
+def _groups(K: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-K // group_size)
+
+
+def dequantize(
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """Dense ``W [N, in_features]`` in ``scales.dtype`` from its packed form.
+
+    Args:
+        qweight: int32 ``[N, ceil(in_features/32) * bits]``.
+        scales: float ``[N, ceil(in_features/G)]`` (any float dtype).
+        zeros: like ``scales`` or ``None`` (symmetric).
+        bits: code width, 2..8.
+        group_size: multiple of 32, or -1 (whole row).
+        in_features: K (rows are padded to 32-value blocks, so K is not implied).
+    """
+    return torch.ops.qdec.dequantize.default(qweight, scales, zeros, bits, group_size, in_features)
+
+
+@torch.library.register_fake("qdec::dequantize")
+def _(qweight, scales, zeros, bits, group_size, in_features):
+    torch._check(qweight.dim() == 2, lambda: "qweight must be 2-D")
+    return scales.new_empty((qweight.shape[0], in_features))
+
+
+def quantized_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """``x @ W^T`` with ``W`` packed: ``[*, K] -> [*, N]`` in ``x.dtype``,
+    accumulated in float32. See the module docstring for the layouts."""
+    return torch.ops.qdec.quantized_matmul.default(x, qweight, scales, zeros, bits, group_size)
+
+
+@torch.library.register_fake("qdec::quantized_matmul")
+def _(x, qweight, scales, zeros, bits, group_size):
+    torch._check(scales.dtype == x.dtype, lambda: "scales dtype must match x dtype")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def outlier_select(x: Tensor, k: int) -> Tensor:
+    """Indices (int64 ``[*, k]``) of the ``k`` largest ``|x|`` along the last dim.
+
+    Ordered by descending ``|x|``; equal magnitudes go to the smaller index;
+    NaN ranks as +inf. ``k`` is a fixed capacity in ``[0, K]`` so that output
+    shapes are static (CUDA graphs, ``torch.compile``).
+    """
+    return torch.ops.qdec.outlier_select.default(x, k)
+
+
+@torch.library.register_fake("qdec::outlier_select")
+def _(x, k):
+    torch._check(0 <= k <= x.shape[-1], lambda: f"k must be in [0, {x.shape[-1]}]")
+    return x.new_empty((*x.shape[:-1], k), dtype=torch.int64)
+
+
+def residual_gather(
+    residual: Tensor, residual_scales: Tensor, channels: Tensor, residual_bits: int
+) -> Tensor:
+    """Dequantized residual columns ``R[:, channels]`` as float32 ``[*, k, N]``.
+
+    Args:
+        residual: int32 ``[K, ceil(N/32) * residual_bits]``, one input channel a
+            row; on CUDA it may be a pinned CPU tensor (read zero-copy).
+        residual_scales: float32 ``[N]``.
+        channels: int64 ``[*, k]`` input-channel indices in ``[0, K)``.
+        residual_bits: code width, 2..8.
+    """
+    return torch.ops.qdec.residual_gather.default(residual, residual_scales, channels, residual_bits)
+
+
+@torch.library.register_fake("qdec::residual_gather")
+def _(residual, residual_scales, channels, residual_bits):
+    return residual_scales.new_empty((*channels.shape, residual_scales.shape[0]))
+
+
+def compensated_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    group_size: int,
+    residual: Tensor,
+    residual_scales: Tensor,
+    residual_bits: int,
+    k: int,
+    channels: Tensor | None = None,
+) -> Tensor:
+    """Quantized matmul plus dynamic residual compensation, ``[*, K] -> [*, N]``.
+
+    ``y = x @ W^T + sum_{j in S} R[:, j] * x[j]`` per row, with
+    ``S = outlier_select(x, k)`` unless ``channels`` (int64 ``[*, k]``) is given
+    (static, random or oracle selection). ``k = 0`` returns exactly
+    :func:`quantized_matmul`. Accumulation is float32; output in ``x.dtype``.
+    """
+    return torch.ops.qdec.compensated_linear.default(
+        x, qweight, scales, zeros, bits, group_size, residual, residual_scales, residual_bits, k,
+        channels,
+    )
+
+
+@torch.library.register_fake("qdec::compensated_linear")
+def _(x, qweight, scales, zeros, bits, group_size, residual, residual_scales, residual_bits, k,
+      channels=None):
+    torch._check(0 <= k <= x.shape[-1], lambda: f"k must be in [0, {x.shape[-1]}]")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))

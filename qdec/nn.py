@@ -1,0 +1,248 @@
+"""``QDECLinear``: a weight-only quantized linear layer with dynamic residual
+compensation, built on the ``torch.ops.qdec`` operators."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+SelectionPolicy = Literal["dynamic", "static", "random", "oracle"]
+POLICIES: tuple[str, ...] = ("dynamic", "static", "random", "oracle")
+
+
+class QDECLinear(nn.Module):
+    """``y = x @ W_hat^T (+ bias) + sum_{j in S(x)} R[:, j] x[j]`` per token.
+
+    ``W_hat`` is packed on the module's device; the residual store ``R`` stays in
+    host memory (pinned when CUDA is present, read zero-copy by the CUDA kernel),
+    and is *not* moved by ``.to()``/``.cuda()``: only its per-output scales and
+    the selection state follow the module.
+
+    Selection policies (what ``S`` is, per token row):
+        ``dynamic``: the ``k`` largest ``|x|`` (QDEC);
+        ``static``: a fixed channel set chosen once from calibration statistics
+        (``static_channels``);
+        ``random``: ``k`` channels drawn uniformly per token (seeded);
+        ``oracle``: the ``k`` largest ``|x_j| * ||R[:, j]||_2``, the channels whose
+        residual contributes most to this token's output error.
+
+    Args:
+        qweight: int32 ``[N, ceil(K/32) * bits]`` (layout: :mod:`qdec.packing`).
+        scales, zeros: ``[N, ceil(K/G)]``; ``zeros=None`` for symmetric codes.
+        bits, group_size, in_features: the weight format (see :mod:`qdec.ops`).
+        residual: int32 ``[K, ceil(N/32) * residual_bits]``, or ``None`` (no
+            compensation possible; ``k`` must stay 0).
+        residual_scales: float32 ``[N]``.
+        residual_bits: code width of the residual, 2..8.
+        bias: ``[N]`` or ``None``.
+        k: channels compensated per token: an int count, or a float fraction of
+            ``in_features`` in ``[0, 1]``.
+        policy: one of ``POLICIES``.
+        compensate_prefill: also compensate multi-token (prefill) steps, each
+            token with its own channels (default ``True``); otherwise prefill uses
+            the plain quantized matmul.
+    """
+
+    def __init__(
+        self,
+        qweight: Tensor,
+        scales: Tensor,
+        zeros: Tensor | None,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        residual: Tensor | None = None,
+        residual_scales: Tensor | None = None,
+        residual_bits: int = 4,
+        bias: Tensor | None = None,
+        k: int | float = 0,
+        policy: SelectionPolicy = "dynamic",
+        compensate_prefill: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(qweight.shape[0])
+        self.bits = int(bits)
+        self.group_size = int(group_size)
+        self.residual_bits = int(residual_bits)
+        self.compensate_prefill = compensate_prefill
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", bias)
+        if (residual is None) != (residual_scales is None):
+            raise ValueError("residual and residual_scales must be given together")
+        self.residual = None if residual is None else place_residual(residual)
+        self.register_buffer("residual_scales", residual_scales)
+        self.register_buffer("static_channels", None)
+        self.register_buffer("residual_col_norms", None)
+        self.seed = 0
+        self._policy: str = "dynamic"
+        self._k = 0
+        self.policy = policy
+        self.k = k
+        # Dense float32 copies of W_hat and R for fast *simulation* of the exact
+        # per-token semantics in evaluation (see simulate_dense); built lazily.
+        self.simulate_dense = False
+        self._dense_cache: tuple[Tensor, Tensor | None] | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def k(self) -> int:
+        """Channels compensated per token (an int in ``[0, in_features]``)."""
+        return self._k
+
+    @k.setter
+    def k(self, value: int | float) -> None:
+        K = self.in_features
+        if isinstance(value, float):  # a fraction of the input channels
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"k as a fraction must be in [0, 1], got {value}")
+            value = round(value * K)
+        value = int(value)
+        if not 0 <= value <= K:
+            raise ValueError(f"k must be in [0, in_features={K}], got {value}")
+        if value > 0 and self.residual is None:
+            raise ValueError("k > 0 needs a residual store; this layer has none")
+        self._k = value
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: str) -> None:
+        if value not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {value!r}")
+        self._policy = value
+
+    def set_static_channels(self, channels: Tensor) -> None:
+        """Fix the channel ranking of the ``static`` policy: int64 ``[m]``,
+        most salient first; the first ``k`` are used."""
+        channels = channels.to(torch.int64).flatten()
+        if channels.numel() and (channels.min() < 0 or channels.max() >= self.in_features):
+            raise ValueError(f"static channels must lie in [0, {self.in_features})")
+        self.static_channels = channels.to(self.qweight.device)
+
+    def _col_norms(self) -> Tensor:
+        if self.residual_col_norms is None:
+            from .reference import residual_rows_ref
+
+            rows = residual_rows_ref(self.residual, self.residual_scales.cpu(), self.residual_bits)
+            self.residual_col_norms = rows.norm(dim=1).to(self.qweight.device)
+        return self.residual_col_norms
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.residual is not None:
+            destination[prefix + "residual"] = self.residual
+        destination[prefix + "k"] = torch.tensor(self.k)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        residual = state_dict.pop(prefix + "residual", None)
+        k = state_dict.pop(prefix + "k", None)
+        # Optional buffers that are None here still load when present there.
+        for name in ("zeros", "bias", "residual_scales", "static_channels", "residual_col_norms"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, state_dict[key].clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if residual is not None:
+            self.residual = place_residual(residual.clone())
+        if k is not None:
+            self.k = int(k)
+
+    def extra_repr(self) -> str:
+        gs = "row" if self.group_size == -1 else self.group_size
+        sym = "sym" if self.zeros is None else "asym"
+        res = f"residual_bits={self.residual_bits}" if self.residual is not None else "no residual"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={gs}, {sym}, k={self.k}, {res}, "
+                f"policy={self.policy}, bias={self.bias is not None}")
+
+    # ---------------------------------------------------------------- compute
+    def _weight_args(self, dtype: torch.dtype):
+        scales = self.scales if self.scales.dtype == dtype else self.scales.to(dtype)
+        zeros = self.zeros
+        if zeros is not None and zeros.dtype != dtype:
+            zeros = zeros.to(dtype)
+        return self.qweight, scales, zeros, self.bits, self.group_size
+
+    def select_channels(self, x2d: Tensor) -> Tensor | None:
+        """Channels int64 ``[rows, k]`` the current policy compensates for each
+        row of ``x2d`` (``None`` for ``dynamic``: the op selects them itself)."""
+        k, rows = self.k, x2d.shape[0]
+        if self.policy == "dynamic":
+            return None
+        if self.policy == "static":
+            if self.static_channels is None or self.static_channels.numel() < k:
+                raise RuntimeError("static policy needs set_static_channels() with >= k channels")
+            return self.static_channels[:k].to(x2d.device).expand(rows, k).contiguous()
+        if self.policy == "random":
+            g = torch.Generator(device="cpu").manual_seed(self.seed)
+            scores = torch.rand(rows, self.in_features, generator=g)
+            return scores.topk(k, dim=-1).indices.to(x2d.device)
+        score = x2d.float().abs() * self._col_norms().to(x2d.device)
+        return ops.outlier_select(score, k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        rows = math.prod(x.shape[:-1])
+        k = self.k if (rows <= 1 or self.compensate_prefill) else 0
+        if self.simulate_dense:
+            y = self._forward_dense(x, k)
+        elif k == 0:
+            y = ops.quantized_matmul(x, *self._weight_args(x.dtype))
+        else:
+            channels = self.select_channels(x.reshape(-1, self.in_features))
+            if channels is not None:
+                channels = channels.reshape(*x.shape[:-1], k)
+            y = ops.compensated_linear(x, *self._weight_args(x.dtype), self.residual,
+                                       self.residual_scales, self.residual_bits, k, channels)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_dense(self, x: Tensor, k: int) -> Tensor:
+        """The same per-token result as the ops, computed as two dense GEMMs:
+        ``x @ W_hat^T + (x * mask) @ R^T`` where ``mask`` keeps each row's
+        selected channels. Used by evaluation, where thousands of tokens per
+        pass make a BLAS GEMM far faster than per-token row gathers; the
+        equality with the op path is tested."""
+        if self._dense_cache is None:
+            from .reference import residual_rows_ref
+
+            w = ops.dequantize(*self._weight_args(torch.float32), self.in_features)
+            r = None
+            if self.residual is not None:
+                r = residual_rows_ref(self.residual, self.residual_scales.cpu(),
+                                      self.residual_bits).t().contiguous().to(w.device)
+            self._dense_cache = (w, r)
+        w, r = self._dense_cache
+        x2d = x.reshape(-1, self.in_features).float()
+        y = x2d @ w.t()
+        if k > 0:
+            channels = self.select_channels(x2d)
+            if channels is None:
+                channels = ops.outlier_select(x2d, k)
+            masked = torch.zeros_like(x2d).scatter_(1, channels, x2d.gather(1, channels))
+            y = y + masked @ r.t()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def clear_dense_cache(self) -> None:
+        self._dense_cache = None
+
+
+def place_residual(residual: Tensor) -> Tensor:
+    """The residual store's home: host memory, pinned when a CUDA device is
+    present so the CUDA kernel can read it zero-copy; plain memory otherwise."""
+    residual = residual.detach().to("cpu").contiguous()
+    if torch.cuda.is_available() and not residual.is_pinned():
+        residual = residual.pin_memory()
+    return residual

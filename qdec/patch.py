@@ -1,0 +1,187 @@
+"""Swap the decoder linears of Hugging Face Llama-family models for
+:class:`qdec.nn.QDECLinear`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .nn import QDECLinear, SelectionPolicy
+
+# Model types whose decoder layers have exactly these projections with these
+# names (transformers' LlamaDecoderLayer and its close relatives).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DECODER_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+@dataclasses.dataclass
+class PackedLinear:
+    """Everything one ``QDECLinear`` is built from (layouts: :mod:`qdec.ops`)."""
+
+    qweight: Tensor
+    scales: Tensor
+    zeros: Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    residual: Tensor | None = None
+    residual_scales: Tensor | None = None
+    residual_bits: int = 4
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What :func:`patch` replaced."""
+
+    replaced: list[str]
+    kept: list[str]
+    gpu_bytes: int
+    host_residual_bytes: int
+
+    def __str__(self) -> str:
+        return (f"replaced {len(self.replaced)} linears with QDECLinear "
+                f"({self.gpu_bytes / 2**20:.1f} MiB packed weights, "
+                f"{self.host_residual_bytes / 2**20:.1f} MiB residual in host memory); "
+                f"kept {len(self.kept)} as they were")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``model`` is a Llama-family decoder we know."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"qdec.patch supports Hugging Face models of type {SUPPORTED_MODEL_TYPES} "
+            f"(Llama, Mistral, Qwen2, SmolLM2), got model_type={model_type!r} "
+            f"({type(model).__name__})")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or len(layers) == 0:
+        raise ValueError(f"{type(model).__name__} has no model.layers decoder stack")
+    for name in DECODER_LINEARS:
+        if not isinstance(layers[0].get_submodule(name), (nn.Linear, QDECLinear)):
+            raise ValueError(f"model.layers.0.{name} is not a linear layer")
+
+
+def decoder_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every decoder linear, layer by layer."""
+    check_supported(model)
+    for i, layer in enumerate(model.model.layers):
+        for name in DECODER_LINEARS:
+            yield f"model.layers.{i}.{name}", layer.get_submodule(name)
+
+
+def patch(
+    model: nn.Module,
+    packed: Mapping[str, PackedLinear],
+    k: int | float = 0,
+    policy: SelectionPolicy = "dynamic",
+    strict: bool = True,
+) -> PatchReport:
+    """Replace each decoder linear named in ``packed`` by a ``QDECLinear``.
+
+    Args:
+        model: a transformers Llama/Mistral/Qwen2/SmolLM2 causal LM.
+        packed: qualified linear name (``model.layers.3.mlp.down_proj``) to its
+            packed weight and residual, e.g. from :mod:`qdec.quant.pipeline` or a
+            checkpoint read by :mod:`qdec.formats`.
+        k, policy: initial compensation settings of every replaced layer.
+        strict: require an entry for every decoder linear and no unknown names.
+    """
+    targets = dict(decoder_linears(model))
+    unknown = sorted(set(packed) - set(targets))
+    missing = sorted(set(targets) - set(packed))
+    if unknown:
+        raise KeyError(f"not decoder linears of this model: {unknown[:5]}")
+    if strict and missing:
+        raise KeyError(f"no packed weights for {len(missing)} decoder linears, e.g. {missing[:3]}")
+    replaced = []
+    gpu_bytes = host_bytes = 0
+    for name, p in packed.items():
+        old = targets[name]
+        out_features = old.out_features
+        if p.qweight.shape[0] != out_features or p.in_features != old.in_features:
+            raise ValueError(
+                f"{name}: packed weight is [{p.qweight.shape[0]}, {p.in_features}] but the model "
+                f"layer is [{out_features}, {old.in_features}]")
+        bias = None if getattr(old, "bias", None) is None else old.bias.detach().clone()
+        device = old.weight.device if isinstance(old, nn.Linear) else old.qweight.device
+        new = QDECLinear(p.qweight.to(device), p.scales.to(device),
+                         None if p.zeros is None else p.zeros.to(device), p.bits, p.group_size,
+                         p.in_features, p.residual,
+                         None if p.residual_scales is None else p.residual_scales.to(device),
+                         p.residual_bits, bias, k if p.residual is not None else 0, policy)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        replaced.append(name)
+        gpu_bytes += sum(t.numel() * t.element_size()
+                         for t in (new.qweight, new.scales, new.zeros) if t is not None)
+        if new.residual is not None:
+            host_bytes += new.residual.numel() * 4
+    kept = [n for n in targets if n not in packed]
+    return PatchReport(replaced, kept, gpu_bytes, host_bytes)
+
+
+def qdec_layers(model: nn.Module) -> Iterator[tuple[str, QDECLinear]]:
+    """Every ``QDECLinear`` of a patched model with its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, QDECLinear):
+            yield name, module
+
+
+def configure(model: nn.Module, k: int | float | Mapping[str, int | float] | None = None,
+              policy: SelectionPolicy | None = None, simulate_dense: bool | None = None,
+              compensate_prefill: bool | None = None) -> None:
+    """Set compensation settings on every ``QDECLinear`` of ``model``.
+
+    ``k`` may be one value for all layers, or a mapping from a projection
+    suffix (``q_proj``, ``down_proj``, ...) or full layer name to a value.
+    """
+    for name, layer in qdec_layers(model):
+        if isinstance(k, Mapping):
+            value = k.get(name, k.get(name.rsplit(".", 1)[-1]))
+            if value is not None:
+                layer.k = value
+        elif k is not None:
+            layer.k = k
+        if policy is not None:
+            layer.policy = policy
+        if simulate_dense is not None:
+            layer.simulate_dense = simulate_dense
+        if compensate_prefill is not None:
+            layer.compensate_prefill = compensate_prefill
+
+
+@torch.no_grad()
+def static_channels_from_calibration(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
+    """Rank each QDECLinear's input channels by mean ``|x|`` over calibration
+    tokens (the *static* baseline: channels chosen once, offline) and set them
+    on the layers. Returns the rankings (int64 ``[K]``, most salient first)."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, layer in qdec_layers(model):
+        def hook(mod, args, name=name):
+            x = args[0].detach().reshape(-1, mod.in_features).float()
+            sums[name] = sums.get(name, 0) + x.abs().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        hooks.append(layer.register_forward_pre_hook(hook))
+    try:
+        saved = {n: (m.k, m.simulate_dense) for n, m in qdec_layers(model)}
+        configure(model, k=0)
+        for row in input_ids:
+            model(row.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    rankings = {}
+    for name, layer in qdec_layers(model):
+        layer.k, layer.simulate_dense = saved[name]
+        rankings[name] = (sums[name] / counts[name]).argsort(descending=True)
+        layer.set_static_channels(rankings[name])
+    return rankings

@@ -82,6 +82,7 @@ class QDECLinear(nn.Module):
         self.register_buffer("static_channels", None)
         self.register_buffer("residual_col_norms", None)
         self.seed = 0
+        self._rng: torch.Generator | None = None
         self._policy: str = "dynamic"
         self._k = 0
         self.policy = policy
@@ -128,6 +129,12 @@ class QDECLinear(nn.Module):
         if channels.numel() and (channels.min() < 0 or channels.max() >= self.in_features):
             raise ValueError(f"static channels must lie in [0, {self.in_features})")
         self.static_channels = channels.to(self.qweight.device)
+
+    def reset_rng(self, seed: int | None = None) -> None:
+        """Restart the random policy's stream (from ``seed`` if given)."""
+        if seed is not None:
+            self.seed = seed
+        self._rng = None
 
     def _col_norms(self) -> Tensor:
         if self.residual_col_norms is None:
@@ -186,8 +193,11 @@ class QDECLinear(nn.Module):
                 raise RuntimeError("static policy needs set_static_channels() with >= k channels")
             return self.static_channels[:k].to(x2d.device).expand(rows, k).contiguous()
         if self.policy == "random":
-            g = torch.Generator(device="cpu").manual_seed(self.seed)
-            scores = torch.rand(rows, self.in_features, generator=g)
+            if self._rng is None:
+                self._rng = torch.Generator(device="cpu").manual_seed(self.seed)
+            # One stream per layer that advances call by call: every token gets
+            # a fresh draw, and a run is reproducible from the seed.
+            scores = torch.rand(rows, self.in_features, generator=self._rng)
             return scores.topk(k, dim=-1).indices.to(x2d.device)
         score = x2d.float().abs() * self._col_norms().to(x2d.device)
         return ops.outlier_select(score, k)

@@ -1,0 +1,1 @@
+"""Model loaders: the embedded SmolLM2-135M reference model (GGUF)."""

@@ -7,6 +7,8 @@ kernels of :mod:`qdec.ops` for ``torch.compile`` and export.
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (loads the shared library: registers the ops)
 from . import ops
 from .ops import (

@@ -75,7 +75,7 @@ def read_gguf_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         data = dequantize(t.data, t.tensor_type)
         # GGUF lists dims fastest-first: its [K, N] is PyTorch's row-major [N, K].
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # own copy: writable
         name = t.name
         if name == "token_embd.weight":
             state["model.embed_tokens.weight"] = w

@@ -1,0 +1,219 @@
+"""``qdec eval``: perplexity of the reference, each quantized variant, and each
+variant with dynamic compensation at several k under every selection policy.
+
+Semantics are decode-faithful: every token of a window is compensated with its
+own channels, exactly as if it were a decode step (the batched pass equals a
+token-by-token loop; tests/python/test_decode_faithful.py). The per-token
+selection is computed in one batched pass per window with the dense
+simulation path of :class:`qdec.nn.QDECLinear` (two GEMMs per linear), which
+is what makes a full WikiText-2 pass feasible on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..patch import configure, patch, static_channels_from_calibration
+
+DEFAULT_TEXT = "../shared/data/wikitext-2-raw/wiki.test.raw"
+DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
+
+
+@dataclasses.dataclass
+class Variant:
+    """A base quantization: method, bits, group size, symmetric grid."""
+
+    method: str
+    bits: int
+    group_size: int
+    symmetric: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        """``method:bits:group[:sym]``, e.g. ``awq:3:128`` or ``rtn:2:64:sym``."""
+        parts = spec.split(":")
+        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] not in ("sym", "asym")):
+            raise ValueError(f"variant must look like method:bits:group[:sym|asym], got {spec!r}")
+        return cls(parts[0], int(parts[1]), int(parts[2]), len(parts) == 4 and parts[3] == "sym")
+
+    @property
+    def label(self) -> str:
+        g = "row" if self.group_size == -1 else f"g{self.group_size}"
+        return f"{self.method.upper()} W{self.bits} {g}{' sym' if self.symmetric else ''}"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    text: Path = Path(DEFAULT_TEXT)
+    calib_text: Path = Path(DEFAULT_CALIB)
+    model: Path | None = None  # GGUF file; None = the embedded SmolLM2-135M
+    seq_len: int = 2048
+    max_windows: int | None = None  # None = the whole text
+    variants: list[Variant] = dataclasses.field(default_factory=lambda: [
+        Variant("rtn", 3, 128), Variant("awq", 3, 128), Variant("awq", 2, 64)])
+    fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
+    policies: list[str] = dataclasses.field(
+        default_factory=lambda: ["dynamic", "static", "random", "oracle"])
+    residual_bits: int = 4
+    calib_samples: int = 16
+    calib_len: int = 512
+    seed: int = 0
+    progress: bool = True
+
+
+def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``samples`` random windows of ``seq_len`` tokens from a calibration text."""
+    from .perplexity import load_text
+
+    ids = tokenizer(load_text(path), return_tensors="pt").input_ids[0]
+    if ids.numel() < seq_len + 1:
+        raise ValueError(f"{path}: {ids.numel()} tokens, fewer than one calibration window "
+                         f"of {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "commit": git_commit()}
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Write ``obj`` as JSON atomically (temp file in the same directory, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def gap_closed(ref: float, quant: float, compensated: float) -> float:
+    """Fraction of the reference-to-quantized perplexity gap closed (1 = all)."""
+    return (quant - compensated) / (quant - ref) if quant != ref else float("nan")
+
+
+@torch.no_grad()
+def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
+    """Run the sweep; return (and write to ``out``) the JSON-ready results."""
+    from ..models.llama import load_gguf_llama
+    from ..quant.pipeline import quantize_model
+    from .perplexity import load_text, perplexity
+
+    t_start = time.time()
+    model, tokenizer = load_gguf_llama(cfg.model)
+    ids = tokenizer(load_text(cfg.text), return_tensors="pt").input_ids[0]
+    calib = calibration_ids(tokenizer, cfg.calib_text, cfg.calib_samples, cfg.calib_len,
+                            cfg.seed)
+
+    def ppl(m, label: str) -> dict:
+        r = perplexity(m, ids, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
+                       progress=cfg.progress, desc=label)
+        return {k: r[k] for k in ("ppl", "nll", "tokens", "windows", "seconds")}
+
+    results: dict = {
+        "config": {**{k: str(v) if isinstance(v, Path) else v
+                      for k, v in dataclasses.asdict(cfg).items() if k != "variants"},
+                   "variants": [v.label for v in cfg.variants]},
+        "environment": environment(),
+        "model": "SmolLM2-135M-Instruct (dequantized Q4_1 reference)" if cfg.model is None
+        else str(cfg.model),
+        "text_tokens": int(ids.numel()),
+        "reference": ppl(model, "reference"),
+        "variants": [],
+    }
+    ref_ppl = results["reference"]["ppl"]
+    for variant in cfg.variants:
+        qmodel = copy.deepcopy(model)
+        qres = quantize_model(qmodel, variant.method, variant.bits, variant.group_size,
+                              calib, symmetric=variant.symmetric,
+                              residual_bits=cfg.residual_bits, progress=cfg.progress)
+        patch(qmodel, qres.packed, k=0)
+        configure(qmodel, simulate_dense=True, compensate_prefill=True)
+        if "static" in cfg.policies:
+            static_channels_from_calibration(qmodel, calib)
+        base = ppl(qmodel, variant.label)
+        entry = {"variant": dataclasses.asdict(variant), "label": variant.label,
+                 "quantize_seconds": round(qres.seconds, 1), "quantized": base, "compensated": []}
+        for policy in cfg.policies:
+            for frac in cfg.fractions:
+                configure(qmodel, k=float(frac), policy=policy)
+                for _, layer in _layers(qmodel):
+                    layer.reset_rng(cfg.seed)
+                r = ppl(qmodel, f"{variant.label} {policy} k={frac:.0%}")
+                r.update(policy=policy, fraction=frac,
+                         gap_closed=gap_closed(ref_ppl, base["ppl"], r["ppl"]))
+                entry["compensated"].append(r)
+        results["variants"].append(entry)
+        del qmodel
+        if out is not None:  # keep partial results of long runs
+            write_json({**results, "wall_seconds": time.time() - t_start}, out)
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    if out is not None:
+        write_json(results, out)
+    return results
+
+
+def _layers(model):
+    from ..patch import qdec_layers
+
+    return qdec_layers(model)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Perplexity against the fraction of channels fetched, one panel per
+    variant, one line per selection policy; the reference and the plain
+    quantized model as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = results["variants"]
+    fig, axes = plt.subplots(1, max(1, len(variants)), figsize=(5 * max(1, len(variants)), 4),
+                             squeeze=False)
+    ref = results["reference"]["ppl"]
+    for ax, v in zip(axes[0], variants):
+        policies = sorted({c["policy"] for c in v["compensated"]})
+        for policy in policies:
+            pts = sorted((c["fraction"], c["ppl"]) for c in v["compensated"]
+                         if c["policy"] == policy)
+            ax.plot([0] + [p[0] * 100 for p in pts], [v["quantized"]["ppl"]] + [p[1] for p in pts],
+                    marker="o", label=policy)
+        ax.axhline(ref, color="k", ls="--", lw=1, label="reference")
+        ax.set_title(v["label"])
+        ax.set_xlabel("input channels compensated per token (%)")
+        ax.set_ylabel("WikiText-2 perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)

@@ -151,15 +151,16 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
     for variant in cfg.variants:
         qmodel = copy.deepcopy(model)
         qres = quantize_model(qmodel, variant.method, variant.bits, variant.group_size,
-                              calib, symmetric=variant.symmetric,
+                              symmetric=variant.symmetric, calib_ids=calib,
                               residual_bits=cfg.residual_bits, progress=cfg.progress)
-        patch(qmodel, qres.packed, k=0)
+        patch(qmodel, qres.packed(), k=0)
         configure(qmodel, simulate_dense=True, compensate_prefill=True)
         if "static" in cfg.policies:
             static_channels_from_calibration(qmodel, calib)
         base = ppl(qmodel, variant.label)
         entry = {"variant": dataclasses.asdict(variant), "label": variant.label,
-                 "quantize_seconds": round(qres.seconds, 1), "quantized": base, "compensated": []}
+                 "quantize_seconds": round(qres.seconds, 1),
+                 "layer_errors": qres.rel_errors(), "quantized": base, "compensated": []}
         for policy in cfg.policies:
             for frac in cfg.fractions:
                 configure(qmodel, k=float(frac), policy=policy)

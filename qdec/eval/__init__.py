@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and the QDEC sweep behind `qdec eval`."""

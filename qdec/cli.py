@@ -56,6 +56,117 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(path: str | None):
+    """``(model, tokenizer)`` from a GGUF file, a Hugging Face model directory,
+    or (``None``) the embedded SmolLM2-135M; always offline."""
+    from .models.llama import load_gguf_llama
+
+    if path is None or str(path).endswith(".gguf"):
+        return load_gguf_llama(path)
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: neither a .gguf file nor a model directory with config.json")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype="float32")
+    return model.eval(), AutoTokenizer.from_pretrained(p, local_files_only=True)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize every decoder linear and write a QDEC checkpoint (packed weights,
+    residual store, tokenizer) plus a JSON summary of per-layer errors."""
+    from .eval.sweep import calibration_ids, environment, write_json
+    from .formats.qdec_checkpoint import save_quantization_result
+    from .quant.pipeline import quantize_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    model, tok = load_model(args.model)
+    calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len, args.seed)
+    t0 = time.time()
+    result = quantize_model(model, args.method, args.bits, args.group_size,
+                            symmetric=args.symmetric, calib_ids=calib,
+                            residual_bits=args.residual_bits or None,
+                            gptq_act_order=args.act_order)
+    with tempfile_dir(out) as tmp_tok:
+        tok.save_pretrained(tmp_tok)
+        extra = {f.name: f for f in Path(tmp_tok).iterdir()}
+        save_quantization_result(out, result, model, overwrite=args.overwrite, extra_files=extra)
+    layers = {name: {"rel_error": r.rel_error, "rel_error_full_residual": r.rel_error_full_residual,
+                     "weight_bytes": r.weight_bytes, "residual_bytes": r.residual_bytes,
+                     "seconds": round(r.seconds, 3)} for name, r in result.linears.items()}
+    summary = {"model": args.model or "embedded SmolLM2-135M (dequantized Q4_1)",
+               "method": args.method, "bits": args.bits, "group_size": args.group_size,
+               "symmetric": args.symmetric, "residual_bits": args.residual_bits,
+               "seconds": round(time.time() - t0, 1),
+               "weight_bytes": sum(v["weight_bytes"] for v in layers.values()),
+               "residual_bytes": sum(v["residual_bytes"] for v in layers.values()),
+               "environment": environment(), "layers": layers}
+    write_json(summary, out / "quantize_summary.json")
+    print(result.summary())
+    print(f"wrote {out}")
+    return 0
+
+
+class tempfile_dir:
+    """A temporary directory beside ``target`` (same filesystem), removed on exit."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(dir=self.target.parent, prefix=".qdec-tok-")
+        return self._tmp.name
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a QDEC checkpoint with and without compensation; report
+    tokens/s."""
+    import torch
+
+    from .formats.qdec_checkpoint import read_qdec_checkpoint
+    from .patch import configure, patch
+
+    ckpt = read_qdec_checkpoint(args.checkpoint)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.checkpoint, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to_empty(device="cpu")
+    missing, _ = model.load_state_dict(ckpt.tensors, strict=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    patch(model, ckpt.packed_linears())
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    if not torch.is_tensor(ids):
+        ids = ids["input_ids"]
+    for k in ([0.0, args.k] if args.k else [0.0]):
+        configure(model, k=k)
+        t0 = time.time()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens,
+                                 do_sample=args.temperature > 0,
+                                 temperature=args.temperature or None, top_k=args.top_k or None)
+        new = out.shape[1] - ids.shape[1]
+        dt = time.time() - t0
+        print(f"--- k = {k:.1%} of input channels: {new} tokens in {dt:.2f} s "
+              f"({new / dt:.1f} tokens/s)")
+        print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.sweep import EvalConfig, plot_results, run_eval
 
@@ -90,6 +201,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("quantize", help="quantize a model, write a QDEC checkpoint")
+    p.add_argument("--model", default=None,
+                   help="GGUF file or HF model directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="awq")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    p.add_argument("--residual-bits", type=int, default=4, help="0 for no residual store")
+    p.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("generate", help="generate from a QDEC checkpoint with/without QDEC")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--k", type=float, default=0.02, help="fraction of input channels")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("eval", help="perplexity sweep: reference, quantized, QDEC x policies")
     p.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2-135M)")
     p.add_argument("--text", default="../shared/data/wikitext-2-raw/wiki.test.raw")
@@ -111,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"qdec {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,111 @@
+// Torch-free CUDA kernels for the residual store: gather of dequantized rows,
+// and the compensation axpy acc[b] += x[b, j] * R[:, j] over selected j.
+//
+// Why this shape: a selected channel's residual is one contiguous row of
+// ceil(N/32)*BITS words, so each thread owns one 32-output block and adjacent
+// threads read adjacent BITS-word chunks of the row: the warp's reads from
+// (possibly host-mapped) memory are contiguous, which is what zero-copy PCIe
+// reads need to approach the link's bandwidth. In the axpy a thread owns its
+// 32 outputs of row b, so there are no atomics: it walks the k selected rows
+// and accumulates in float32 registers.
+#include <algorithm>
+
+#include "ops/cuda/kernels/convert.cuh"
+#include "qdec/bitpack.h"
+#include "qdec/cuda_kernels.h"
+
+namespace qdec::cuda {
+namespace {
+
+template <int BITS>
+__global__ void residual_gather_kernel(ResidualView r, const int64_t* channels, int64_t rows,
+                                       float* out) {
+  const int64_t blocks = (r.N + kBlock - 1) / kBlock;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= blocks) return;
+  // grid.y is capped at 65535, so rows are strided over it.
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+  const int64_t j = channels[row];
+  const int64_t n0 = c * kBlock;
+  float* dst = out + row * r.N + n0;
+  const int len = static_cast<int>(min(static_cast<int64_t>(kBlock), r.N - n0));
+  if (j < 0 || j >= r.K) {
+    for (int i = 0; i < len; ++i) dst[i] = 0.f;
+    continue;
+  }
+  uint32_t words[BITS];
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) words[i] = r.residual[j * r.words_per_row + c * BITS + i];
+  const float offset = static_cast<float>(1 << (BITS - 1));
+#pragma unroll
+  for (int i = 0; i < kBlock; ++i)
+    if (i < len) dst[i] = (static_cast<float>(unpack_one<BITS>(words, i)) - offset) * r.scales[n0 + i];
+  }
+}
+
+template <int BITS, typename TX>
+__global__ void residual_axpy_kernel(ResidualView r, const int64_t* channels, int64_t k,
+                                     const TX* x, int64_t B, int64_t K, float* acc) {
+  const int64_t blocks = (r.N + kBlock - 1) / kBlock;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= blocks) return;
+  const int64_t n0 = c * kBlock;
+  const int len = static_cast<int>(min(static_cast<int64_t>(kBlock), r.N - n0));
+  const float offset = static_cast<float>(1 << (BITS - 1));
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+  float sum[kBlock];
+#pragma unroll
+  for (int i = 0; i < kBlock; ++i) sum[i] = 0.f;
+  for (int64_t s = 0; s < k; ++s) {
+    const int64_t j = channels[b * k + s];
+    if (j < 0 || j >= K) continue;
+    const float xv = load_as_float(x, b * K + j);
+    uint32_t words[BITS];
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) words[i] = r.residual[j * r.words_per_row + c * BITS + i];
+#pragma unroll
+    for (int i = 0; i < kBlock; ++i)
+      sum[i] += xv * (static_cast<float>(unpack_one<BITS>(words, i)) - offset);
+  }
+  // The per-output scale factors out of the sum over channels.
+  float* dst = acc + b * r.N + n0;
+#pragma unroll
+  for (int i = 0; i < kBlock; ++i)
+    if (i < len) dst[i] += sum[i] * r.scales[n0 + i];
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_residual_gather(const ResidualView& r, const int64_t* channels, int64_t rows,
+                                   float* out, cudaStream_t stream) {
+  const int64_t blocks = (r.N + kBlock - 1) / kBlock;
+  if (rows == 0 || blocks == 0) return cudaSuccess;
+  const int tpb = 128;
+  const dim3 grid(static_cast<unsigned>((blocks + tpb - 1) / tpb),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  dispatch_bits(r.bits, [&]<int BITS>() {
+    residual_gather_kernel<BITS><<<grid, tpb, 0, stream>>>(r, channels, rows, out);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_residual_axpy(const ResidualView& r, const int64_t* channels, int64_t k,
+                                 const void* x, DType x_dtype, int64_t B, int64_t K, float* acc,
+                                 cudaStream_t stream) {
+  const int64_t blocks = (r.N + kBlock - 1) / kBlock;
+  if (k == 0 || B == 0 || blocks == 0) return cudaSuccess;
+  const int tpb = 128;
+  const dim3 grid(static_cast<unsigned>((blocks + tpb - 1) / tpb),
+                  static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+  dispatch_dtype(x_dtype, [&](auto tx) {
+    using TX = decltype(tx);
+    dispatch_bits(r.bits, [&]<int BITS>() {
+      residual_axpy_kernel<BITS, TX><<<grid, tpb, 0, stream>>>(
+          r, channels, k, static_cast<const TX*>(x), B, K, acc);
+    });
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace qdec::cuda

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one script for the GPU machine (torch 2.11 + CUDA 13, Python 3.12, nvcc,
+# ninja, no internet): builds the extension with its CUDA kernels in place,
+# runs the whole Python test suite (CUDA tests included) and writes logs and
+# JSON under $OUT (default ./gpu_out).
+#   OUT=/path bash benchmarks/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+"$PY" - <<'PYEOF' > "$OUT/env.json"
+import json, subprocess, torch
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+                  "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                  "commit": commit or "unknown"}, indent=1))
+PYEOF
+status=0
+QDEC_USE_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
+"$PY" -m pytest tests/python -q -x --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" | tail -30 || status=1
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck "$PY" -m pytest tests/python/test_cuda_ops.py -q -x \
+    > "$OUT/memcheck.log" 2>&1 || status=1
+  tail -5 "$OUT/memcheck.log"
+fi
+exit $status

@@ -1,0 +1,106 @@
+// A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) in libtorch C++,
+// computing exactly what transformers' LlamaForCausalLM computes, with every
+// decoder linear going through the qdec operators:
+//   embeddings -> N x [RMSNorm -> GQA attention (rotate_half RoPE, KV cache)
+//   -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head
+// (tied to the embeddings or not). A quantized linear runs
+// qdec::quantized_matmul, or qdec::compensated_linear when its k > 0.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "checkpoint.h"
+
+namespace qdec::runtime {
+
+// Channels compensated per token: a count, or a fraction of in_features
+// (rounded half-to-even, as Python's round() in QDECLinear.k).
+struct KValue {
+  bool fraction = false;
+  double value = 0.0;
+  static KValue parse(const std::string& text);  // "16" count, "0.05" fraction
+  int64_t resolve(int64_t in_features) const;
+};
+
+// A default k plus overrides; an override key matches a layer when it equals
+// the full name or is a dot-separated suffix of it ("down_proj",
+// "mlp.down_proj", "layers.3.mlp.down_proj").
+struct KPolicy {
+  KValue all;
+  std::vector<std::pair<std::string, KValue>> overrides;  // later wins
+  KValue for_layer(const std::string& name) const;
+};
+
+struct Linear {
+  std::string name;
+  int64_t in_features = 0, out_features = 0;
+  bool quantized = false;
+  at::Tensor weight;  // dense [N, K] when not quantized
+  at::Tensor qweight, scales;
+  std::optional<at::Tensor> zeros, bias, input_perm;
+  int64_t bits = 0, group_size = 0;
+  at::Tensor residual, residual_scales;  // undefined without a residual store
+  int64_t residual_bits = 0;
+  int64_t k = 0;
+
+  // x [*, K] -> [*, N]; `compensate` false forces k = 0 for this call.
+  at::Tensor forward(const at::Tensor& x, bool compensate = true) const;
+  size_t weight_bytes() const;
+  size_t residual_bytes() const;
+};
+
+struct DecoderLayer {
+  at::Tensor input_norm, post_norm;
+  Linear q, k, v, o, gate, up, down;
+  std::vector<Linear*> linears() { return {&q, &k, &v, &o, &gate, &up, &down}; }
+  std::vector<const Linear*> linears() const { return {&q, &k, &v, &o, &gate, &up, &down}; }
+};
+
+struct KVCache {
+  std::vector<at::Tensor> k, v;  // per layer [1, kv_heads, capacity, head_dim]
+  int64_t length = 0, capacity = 0;
+};
+
+struct RuntimeOptions {
+  c10::Device device = c10::Device(c10::kCPU);
+  at::ScalarType dtype = at::kFloat;
+  bool compensate_prefill = true;  // as QDECLinear's default
+};
+
+class LlamaModel {
+ public:
+  LlamaModel(const Checkpoint& ckpt, const RuntimeOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  const RuntimeOptions& options() const { return options_; }
+  void set_k(const KPolicy& policy);
+  // Every decoder linear, layer by layer, in HF order.
+  std::vector<const Linear*> linears() const;
+  bool has_residual() const { return has_residual_; }
+
+  KVCache new_cache(int64_t capacity) const;
+  // Appends ids [T] (int64) at positions cache.length..+T and returns the
+  // float32 logits [vocab] of the last position.
+  at::Tensor forward(const at::Tensor& ids, KVCache& cache) const;
+
+  size_t weight_bytes() const;    // everything on the compute device
+  size_t residual_bytes() const;  // the host residual store
+
+ private:
+  at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w) const;
+  at::Tensor rope_inv_freq() const;
+
+  ModelConfig config_;
+  RuntimeOptions options_;
+  at::Tensor embed_, final_norm_, lm_head_;
+  std::vector<DecoderLayer> layers_;
+  at::Tensor inv_freq_;  // float32 [head_dim / 2]
+  bool has_residual_ = false;
+};
+
+}  // namespace qdec::runtime

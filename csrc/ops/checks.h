@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 #include <string>
 
 namespace qdec {
@@ -129,6 +130,30 @@ inline void check_channels(const at::Tensor& channels, int64_t rows, int64_t k, 
     TORCH_CHECK(lo >= 0 && hi < K, "qdec: channels values must be in [0, ", K, "), got range [",
                 lo, ", ", hi, "]");
   }
+}
+
+// Shape of x [*, K]: returns K.
+inline int64_t check_activations(const at::Tensor& x) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "qdec: x must have shape [*, K], got a 0-D tensor");
+  return x.size(-1);
+}
+
+// Everything compensated_linear checks on every backend: activations, the
+// packed weight against x, the residual store against the layer, and k.
+inline std::pair<WeightGeometry, ResidualGeometry> check_compensated_linear(
+    const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+    const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+    const at::Tensor& residual, const at::Tensor& residual_scales, int64_t residual_bits,
+    int64_t k) {
+  const int64_t K = check_activations(x);
+  const auto geom =
+      check_packed_weight(qweight, scales, zeros, bits, group_size, K, x.scalar_type());
+  const auto rgeom = check_residual(residual, residual_scales, residual_bits);
+  TORCH_CHECK(rgeom.K == K && rgeom.N == geom.N, "qdec: residual store is [K=", rgeom.K,
+              ", N=", rgeom.N, "] but the layer is [K=", K, ", N=", geom.N, "]");
+  check_k(k, K);
+  return {geom, rgeom};
 }
 
 }  // namespace qdec

@@ -17,15 +17,9 @@ at::Tensor compensated_linear_cpu(const at::Tensor& x, const at::Tensor& qweight
   check_cpu(qweight, "qweight");
   check_cpu(residual, "residual");
   check_cpu(residual_scales, "residual_scales");
-  check_float(x, "x");
-  TORCH_CHECK(x.dim() >= 1, "qdec: x must have shape [*, K], got a 0-D tensor");
-  const int64_t K = x.size(-1);
-  const auto geom =
-      check_packed_weight(qweight, scales, zeros, bits, group_size, K, x.scalar_type());
-  const auto rgeom = check_residual(residual, residual_scales, residual_bits);
-  TORCH_CHECK(rgeom.K == K && rgeom.N == geom.N, "qdec: residual store is [K=", rgeom.K,
-              ", N=", rgeom.N, "] but the layer is [K=", K, ", N=", geom.N, "]");
-  check_k(k, K);
+  const auto [geom, rgeom] = check_compensated_linear(x, qweight, scales, zeros, bits, group_size,
+                                                      residual, residual_scales, residual_bits, k);
+  const int64_t K = geom.K;
 
   const auto x2d = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t B = x2d.size(0);

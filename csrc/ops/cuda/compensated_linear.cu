@@ -21,15 +21,9 @@ at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    int64_t group_size, const at::Tensor& residual,
                                    const at::Tensor& residual_scales, int64_t residual_bits,
                                    int64_t k, const std::optional<at::Tensor>& channels) {
-  check_float(x, "x");
-  TORCH_CHECK(x.dim() >= 1, "qdec: x must have shape [*, K], got a 0-D tensor");
-  const int64_t K = x.size(-1);
-  const auto geom =
-      check_packed_weight(qweight, scales, zeros, bits, group_size, K, x.scalar_type());
-  const auto rgeom = check_residual(residual, residual_scales, residual_bits);
-  TORCH_CHECK(rgeom.K == K && rgeom.N == geom.N, "qdec: residual store is [K=", rgeom.K,
-              ", N=", rgeom.N, "] but the layer is [K=", K, ", N=", geom.N, "]");
-  check_k(k, K);
+  const auto [geom, rgeom] = check_compensated_linear(x, qweight, scales, zeros, bits, group_size,
+                                                      residual, residual_scales, residual_bits, k);
+  const int64_t K = geom.K;
   check_on_cuda(qweight, x, "qweight");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto x2d = x.reshape({-1, K}).contiguous();

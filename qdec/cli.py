@@ -175,10 +175,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, max_windows=args.max_windows, variants=_variants(args.variants),
         fractions=_floats(args.fractions), policies=args.policies.split(","),
         residual_bits=args.residual_bits, calib_samples=args.calib_samples,
-        calib_len=args.calib_len, progress=not args.no_progress)
+        calib_len=args.calib_len, progress=not args.no_progress,
+        ranks=[int(r) for r in args.ranks.split(",") if r],
+        cost_fractions=_floats(args.cost_fractions),
+        lowrank_methods=[m for m in args.lowrank_methods.split(",") if m])
     out = Path(args.out)
     results = run_eval(cfg, out)
-    plot_results(results, out.with_suffix(".png"))
+    if cfg.policies and cfg.fractions:
+        plot_results(results, out.with_suffix(".png"))
     ref = results["reference"]["ppl"]
     print(f"reference perplexity {ref:.3f} ({results['text_tokens']} tokens)")
     for v in results["variants"]:
@@ -186,8 +190,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for c in v["compensated"]:
             print(f"  {c['policy']:8s} k={c['fraction']:5.1%}: {c['ppl']:.3f} "
                   f"(gap closed {c['gap_closed']:+.1%})")
-    print(f"wall time {results['wall_seconds']:.0f} s; results: {out}, plot: "
-          f"{out.with_suffix('.png')}")
+        if v.get("cost_comparison"):
+            from .eval.costs import cost_table
+
+            print(cost_table(v["cost_comparison"], ref))
+    if cfg.ranks:
+        from .eval.costs import plot_costs
+
+        plot_costs(results["variants"], ref, out.with_name(out.stem + "_costs.png"))
+    print(f"wall time {results['wall_seconds']:.0f} s; results: {out}")
     return 0
 
 
@@ -237,8 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="rtn:3:128,awq:3:128,awq:2:64",
                    help="comma-separated method:bits:group[:sym]")
     p.add_argument("--fractions", default="0.01,0.02,0.05,0.1")
-    p.add_argument("--policies", default="dynamic,static,random,oracle")
+    p.add_argument("--policies", default="dynamic,static,random,oracle",
+                   help="selection policies of the k sweep ('' skips the sweep)")
     p.add_argument("--residual-bits", type=int, default=4)
+    p.add_argument("--ranks", default="",
+                   help="matched-cost comparison (none / low-rank / QDEC / hybrid) at these "
+                        "low-rank budgets, e.g. 8,32 (default: no comparison)")
+    p.add_argument("--cost-fractions", default="0.02,0.05",
+                   help="fetched-channel budgets of the matched-cost comparison")
+    p.add_argument("--lowrank-methods", default="lorc,lqer,aser",
+                   help="static low-rank baselines of the comparison")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--out", default="results/eval.json")

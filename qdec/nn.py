@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .lowrank import LowRankTerm
 
 SelectionPolicy = Literal["dynamic", "static", "random", "oracle"]
 POLICIES: tuple[str, ...] = ("dynamic", "static", "random", "oracle")
@@ -17,6 +18,10 @@ POLICIES: tuple[str, ...] = ("dynamic", "static", "random", "oracle")
 
 class QDECLinear(nn.Module):
     """``y = x @ W_hat^T (+ bias) + sum_{j in S(x)} R[:, j] x[j]`` per token.
+
+    With a low-rank term attached (:meth:`set_lowrank`, the *hybrid*), the
+    output also gets ``L_A (L_B x)`` from GPU-resident factors, and ``R`` is
+    then the part of the error that term leaves (``W - W_hat - L_A L_B``).
 
     ``W_hat`` is packed on the module's device; the residual store ``R`` stays in
     host memory (pinned when CUDA is present, read zero-copy by the CUDA kernel),
@@ -46,6 +51,13 @@ class QDECLinear(nn.Module):
         compensate_prefill: also compensate multi-token (prefill) steps, each
             token with its own channels (default ``True``); otherwise prefill uses
             the plain quantized matmul.
+        input_permutation: int64 ``[K]`` or ``None``. Column ``j`` of the packed
+            weight (and row ``j`` of the residual store) multiplies input
+            ``x[perm[j]]``: how act-order GPTQ checkpoints, whose groups are not
+            contiguous runs of channels, are represented losslessly
+            (:mod:`qdec.formats.gptq`). The input is gathered once per call;
+            channel selection then happens in the permuted order, which picks
+            the same channels.
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class QDECLinear(nn.Module):
         k: int | float = 0,
         policy: SelectionPolicy = "dynamic",
         compensate_prefill: bool = True,
+        input_permutation: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features = int(in_features)
@@ -81,6 +94,10 @@ class QDECLinear(nn.Module):
         self.register_buffer("residual_scales", residual_scales)
         self.register_buffer("static_channels", None)
         self.register_buffer("residual_col_norms", None)
+        self.register_buffer("input_permutation", None)
+        if input_permutation is not None:
+            self.set_input_permutation(input_permutation)
+        self.lowrank: LowRankTerm | None = None
         self.seed = 0
         self._rng: torch.Generator | None = None
         self._policy: str = "dynamic"
@@ -130,6 +147,63 @@ class QDECLinear(nn.Module):
             raise ValueError(f"static channels must lie in [0, {self.in_features})")
         self.static_channels = channels.to(self.qweight.device)
 
+    def set_input_permutation(self, perm: Tensor | None) -> None:
+        """Set (or clear, with ``None``) the input permutation; see the class doc."""
+        if perm is None:
+            self.input_permutation = None
+            return
+        perm = perm.to(torch.int64).flatten()
+        K = self.in_features
+        if perm.numel() != K or not torch.equal(perm.sort().values.cpu(), torch.arange(K)):
+            raise ValueError(f"input_permutation must be a permutation of range({K}), got "
+                             f"{perm.numel()} values")
+        self.input_permutation = perm.to(self.qweight.device)
+
+    def set_lowrank(self, term: LowRankTerm | None, residual: Tensor | None = None,
+                    residual_scales: Tensor | None = None) -> None:
+        """Attach a GPU-resident low-rank term (the hybrid), or detach it with ``None``.
+
+        Args:
+            term: ``L_A [N, r]``, ``L_B [r, K]`` in the layer's (permuted) input order.
+            residual, residual_scales: the residual store of what the term leaves,
+                ``W - W_hat - L_A L_B`` (:func:`qdec.lowrank.residual_after_lowrank`
+                then :func:`qdec.quant.residual.quantize_residual`). Without them the
+                current store is kept, which then double-counts the error the term
+                already removes: only sensible with ``k = 0`` (low-rank only).
+        """
+        if term is not None and (term.in_features != self.in_features
+                                 or term.out_features != self.out_features):
+            raise ValueError(f"low-rank term is [{term.out_features}, {term.in_features}] but "
+                             f"the layer is [{self.out_features}, {self.in_features}]")
+        if (residual is None) != (residual_scales is None):
+            raise ValueError("residual and residual_scales must be given together")
+        self.lowrank = None if term is None else term.to(self.qweight.device)
+        if residual is not None:
+            self.residual = place_residual(residual)
+            self.residual_scales = residual_scales.to(self.qweight.device)
+            self.residual_col_norms = None
+        self._dense_cache = None
+
+    # ------------------------------------------------------------------ costs
+    @property
+    def fetched_bytes_per_token(self) -> int:
+        """Bytes of the residual store read over PCIe per token at the current
+        ``k``: ``k`` packed rows of ``ceil(N/32) * residual_bits`` int32 words.
+        (The channel indices are chosen on the GPU; the per-row scales live
+        there too.) The one definition every cost report uses."""
+        if self.residual is None or self.k == 0:
+            return 0
+        return self.k * self.residual.shape[1] * self.residual.element_size()
+
+    @property
+    def gpu_extra_bytes(self) -> int:
+        """Device-resident bytes beyond the packed weight: the residual's
+        per-output scales (needed only while ``k > 0``) and the low-rank
+        factors, if any."""
+        extra = 0 if self.residual_scales is None or self.k == 0 else (
+            self.residual_scales.numel() * self.residual_scales.element_size())
+        return extra + (0 if self.lowrank is None else self.lowrank.gpu_bytes)
+
     def reset_rng(self, seed: int | None = None) -> None:
         """Restart the random policy's stream (from ``seed`` if given)."""
         if seed is not None:
@@ -154,8 +228,14 @@ class QDECLinear(nn.Module):
                               unexpected_keys, error_msgs):
         residual = state_dict.pop(prefix + "residual", None)
         k = state_dict.pop(prefix + "k", None)
+        # A hybrid's low-rank term loads into a layer built without one: create it
+        # here, the module's own loading then fills it.
+        key_a, key_b = prefix + "lowrank.lowrank_a", prefix + "lowrank.lowrank_b"
+        if self.lowrank is None and key_a in state_dict and key_b in state_dict:
+            self.lowrank = LowRankTerm(state_dict[key_a].clone(), state_dict[key_b].clone())
         # Optional buffers that are None here still load when present there.
-        for name in ("zeros", "bias", "residual_scales", "static_channels", "residual_col_norms"):
+        for name in ("zeros", "bias", "residual_scales", "static_channels", "residual_col_norms",
+                     "input_permutation"):
             key = prefix + name
             if key in state_dict and getattr(self, name) is None:
                 setattr(self, name, state_dict[key].clone())
@@ -170,9 +250,10 @@ class QDECLinear(nn.Module):
         gs = "row" if self.group_size == -1 else self.group_size
         sym = "sym" if self.zeros is None else "asym"
         res = f"residual_bits={self.residual_bits}" if self.residual is not None else "no residual"
+        extra = "" if self.input_permutation is None else ", input_permutation"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={gs}, {sym}, k={self.k}, {res}, "
-                f"policy={self.policy}, bias={self.bias is not None}")
+                f"policy={self.policy}, bias={self.bias is not None}{extra}")
 
     # ---------------------------------------------------------------- compute
     def _weight_args(self, dtype: torch.dtype):
@@ -202,11 +283,20 @@ class QDECLinear(nn.Module):
         score = x2d.float().abs() * self._col_norms().to(x2d.device)
         return ops.outlier_select(score, k)
 
+    def layer_input(self, x: Tensor) -> Tensor:
+        """``x`` in the order of the packed weight's columns (the input
+        permutation applied, if any). Calibration hooks that rank or
+        accumulate channel statistics must see this, not the raw input."""
+        if self.input_permutation is None:
+            return x
+        return x.index_select(-1, self.input_permutation.to(x.device))
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
         rows = math.prod(x.shape[:-1])
         k = self.k if (rows <= 1 or self.compensate_prefill) else 0
+        x = self.layer_input(x)
         if self.simulate_dense:
             y = self._forward_dense(x, k)
         elif k == 0:
@@ -217,6 +307,8 @@ class QDECLinear(nn.Module):
                 channels = channels.reshape(*x.shape[:-1], k)
             y = ops.compensated_linear(x, *self._weight_args(x.dtype), self.residual,
                                        self.residual_scales, self.residual_bits, k, channels)
+        if self.lowrank is not None:
+            y = y + self.lowrank(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _forward_dense(self, x: Tensor, k: int) -> Tensor:

@@ -33,6 +33,7 @@ class PackedLinear:
     residual: Tensor | None = None
     residual_scales: Tensor | None = None
     residual_bits: int = 4
+    input_permutation: Tensor | None = None  # act-order GPTQ (QDECLinear's doc)
 
 
 @dataclasses.dataclass
@@ -115,7 +116,8 @@ def patch(
                          None if p.zeros is None else p.zeros.to(device), p.bits, p.group_size,
                          p.in_features, p.residual,
                          None if p.residual_scales is None else p.residual_scales.to(device),
-                         p.residual_bits, bias, k if p.residual is not None else 0, policy)
+                         p.residual_bits, bias, k if p.residual is not None else 0, policy,
+                         input_permutation=p.input_permutation)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         replaced.append(name)
@@ -167,7 +169,7 @@ def static_channels_from_calibration(model: nn.Module, input_ids: Tensor) -> dic
     hooks = []
     for name, layer in qdec_layers(model):
         def hook(mod, args, name=name):
-            x = args[0].detach().reshape(-1, mod.in_features).float()
+            x = mod.layer_input(args[0].detach()).reshape(-1, mod.in_features).float()
             sums[name] = sums.get(name, 0) + x.abs().sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
         hooks.append(layer.register_forward_pre_hook(hook))

@@ -69,6 +69,11 @@ class EvalConfig:
     calib_len: int = 512
     seed: int = 0
     progress: bool = True
+    # Matched-cost comparison (qdec.eval.costs); no ranks = not run.
+    ranks: list[int] = dataclasses.field(default_factory=list)
+    cost_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.02, 0.05])
+    lowrank_methods: list[str] = dataclasses.field(
+        default_factory=lambda: ["lorc", "lqer", "aser"])
 
 
 def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -153,6 +158,12 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
         qres = quantize_model(qmodel, variant.method, variant.bits, variant.group_size,
                               symmetric=variant.symmetric, calib_ids=calib,
                               residual_bits=cfg.residual_bits, progress=cfg.progress)
+        reference = None
+        if cfg.ranks:  # the weights in the basis that was quantized (after AWQ scaling)
+            from ..patch import decoder_linears
+
+            reference = {name: m.weight.detach().float().clone()
+                         for name, m in decoder_linears(qmodel)}
         patch(qmodel, qres.packed(), k=0)
         configure(qmodel, simulate_dense=True, compensate_prefill=True)
         if "static" in cfg.policies:
@@ -170,6 +181,18 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
                 r.update(policy=policy, fraction=frac,
                          gap_closed=gap_closed(ref_ppl, base["ppl"], r["ppl"]))
                 entry["compensated"].append(r)
+        if cfg.ranks:
+            from .costs import CostConfig, compare_costs
+
+            cost_cfg = CostConfig(ranks=list(cfg.ranks), fractions=list(cfg.cost_fractions),
+                                  lowrank_methods=list(cfg.lowrank_methods),
+                                  residual_bits=cfg.residual_bits)
+            entry["cost_comparison"] = compare_costs(
+                qmodel, reference, calib, lambda m, label: ppl(m, f"{variant.label} {label}"),
+                cost_cfg, progress=cfg.progress)
+            for point in entry["cost_comparison"]["points"]:
+                point["gap_closed"] = gap_closed(ref_ppl, base["ppl"], point["ppl"])
+            del reference
         results["variants"].append(entry)
         del qmodel
         if out is not None:  # keep partial results of long runs

@@ -258,23 +258,21 @@ class QDECCheckpoint:
     def packed_linears(self) -> dict:
         """``{name: qdec.patch.PackedLinear}`` for :func:`qdec.patch.patch`.
 
-        Raises:
-            FormatError: a layer has an input permutation, which QDECLinear does not
-                apply (it would silently compute the wrong product).
+        A layer's input permutation (act-order GPTQ) travels with it:
+        ``QDECLinear`` gathers its input in that order, and the residual store
+        of such a layer is in the same permuted channel order.
         """
         from ..patch import PackedLinear
 
         out = {}
         for name, w in self.linears.items():
-            if w.input_permutation is not None:
-                raise FormatError(f"{self.path}: layer {name!r} has an input permutation "
-                                  f"(act-order GPTQ), which QDECLinear does not apply yet")
             r = None if self.residual is None else self.residual.layers.get(name)
             out[name] = PackedLinear(w.qweight, w.scales, w.zeros, w.bits, w.group_size,
                                      w.in_features,
                                      None if r is None else r.residual,
                                      None if r is None else r.scales,
-                                     self.residual.residual_bits if r is not None else 4)
+                                     self.residual.residual_bits if r is not None else 4,
+                                     w.input_permutation)
         return out
 
 

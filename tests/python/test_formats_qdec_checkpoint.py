@@ -11,6 +11,8 @@ import types
 import pytest
 import torch
 
+import qdec
+
 from qdec.formats import (
     FormatError,
     PackedWeight,
@@ -144,14 +146,23 @@ def test_on_disk_layout_for_the_cpp_loader(tmp_path):
                                 "residual_bits", "quantized_modules"}
 
 
-def test_input_permutation_round_trip_and_refusal(tmp_path):
+def test_input_permutation_round_trip_reaches_qdec_linear(tmp_path):
+    from qdec.nn import QDECLinear
+
     path, args = build(tmp_path, with_perm=True)
     ck = read_qdec_checkpoint(path)
-    perm = ck.linears["model.layers.0.mlp.down_proj"].input_permutation
+    name = "model.layers.0.mlp.down_proj"
+    perm = ck.linears[name].input_permutation
     assert perm.dtype == torch.int64
-    assert torch.equal(perm, args["linears"]["model.layers.0.mlp.down_proj"].input_permutation)
-    with pytest.raises(FormatError, match="input permutation"):
-        ck.packed_linears()
+    assert torch.equal(perm, args["linears"][name].input_permutation)
+    p = ck.packed_linears()[name]
+    assert torch.equal(p.input_permutation, perm)
+    layer = QDECLinear(p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features,
+                       input_permutation=p.input_permutation)
+    x = torch.randn(3, p.in_features)
+    w = qdec.ops.dequantize(p.qweight, p.scales.float(), None if p.zeros is None else
+                            p.zeros.float(), p.bits, p.group_size, p.in_features)
+    torch.testing.assert_close(layer(x), x[:, perm] @ w.t(), rtol=1e-4, atol=1e-4)
 
 
 def test_existing_directory_refused_and_overwrite(tmp_path):

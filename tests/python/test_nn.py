@@ -94,3 +94,79 @@ def test_repr_shows_format():
     r = repr(build(k=3))
     for part in ("bits=3", "group_size=32", "k=3", "residual_bits=4", "policy=dynamic"):
         assert part in r
+
+
+# ----------------------------------------------------------- input permutation
+def test_input_permutation_gathers_input_before_everything():
+    """Act-order layers: the packed columns and residual rows are in permuted
+    order, so the layer must equal the unpermuted layer applied to x[perm]."""
+    m = build(k=7, bias=False)
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(3))
+    permuted = build(k=7, bias=False)
+    permuted.load_state_dict(m.state_dict())
+    permuted.set_input_permutation(perm)
+    x = torch.randn(4, 96)
+    torch.testing.assert_close(permuted(x), m(x[:, perm]))
+    permuted.simulate_dense = True
+    torch.testing.assert_close(permuted(x), m(x[:, perm]), rtol=1e-5, atol=1e-5)
+    assert "input_permutation" in repr(permuted)
+    again = build(k=7, bias=False)
+    again.load_state_dict(permuted.state_dict())
+    assert torch.equal(again.input_permutation, perm)
+    with pytest.raises(ValueError, match=r"permutation of range\(96\)"):
+        m.set_input_permutation(torch.zeros(96, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------- hybrid
+def hybrid_parts(N=40, K=96, r=6):
+    """A layer, a rank-r term and the residual store of what it leaves."""
+    from qdec.lowrank import LowRankTerm, residual_after_lowrank
+    from qdec.quant.residual import quantize_residual
+
+    m = build(k=9, bias=False, N=N, K=K)
+    w_hat = ref.dequantize_ref(m.qweight, m.scales, m.zeros, 3, 32, K)
+    g = torch.Generator().manual_seed(5)
+    w_ref = w_hat + 0.05 * torch.randn(N, K, generator=g)
+    E = w_ref - w_hat
+    U, S, Vh = torch.linalg.svd(E.double())
+    L_A, L_B = (U[:, :r] * S[:r]).float(), Vh[:r].float()
+    packed, scales = quantize_residual(residual_after_lowrank(E, L_A, L_B), bits=8)
+    return m, LowRankTerm(L_A, L_B), packed, scales, w_ref
+
+
+def test_hybrid_adds_lowrank_term_and_uses_remainder_store():
+    m, term, packed, scales, w_ref = hybrid_parts()
+    x = torch.randn(5, 96)
+    want = (ref.compensated_linear_ref(x, m.qweight, m.scales, m.zeros, 3, 32, packed, scales, 8, 9)
+            + (x @ term.lowrank_b.t()) @ term.lowrank_a.t())
+    m.residual_bits = 8
+    m.set_lowrank(term, packed, scales)
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    m.simulate_dense = True
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    # k = K with an 8-bit remainder store recovers W_ref up to the store's rounding
+    m.k = 96
+    torch.testing.assert_close(m(x), x @ w_ref.t(), rtol=0, atol=2e-2)
+
+
+def test_hybrid_costs_and_state_dict():
+    m, term, packed, scales, _ = hybrid_parts()
+    m.residual_bits = 8
+    base_gpu = m.gpu_extra_bytes
+    assert base_gpu == 40 * 4  # fp32 residual scales, needed while k > 0
+    m.set_lowrank(term, packed, scales)
+    assert m.gpu_extra_bytes == base_gpu + 6 * (40 + 96) * 4
+    assert m.fetched_bytes_per_token == 9 * packed.shape[1] * 4  # k rows of the store
+    m.k = 0
+    assert m.fetched_bytes_per_token == 0
+    assert m.gpu_extra_bytes == 6 * (40 + 96) * 4
+    m.k = 9
+    fresh = build(k=0, bias=False)
+    fresh.residual_bits = 8
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.lowrank is not None and fresh.lowrank.rank == 6 and fresh.k == 9
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(fresh(x), m(x))
+    with pytest.raises(ValueError, match=r"low-rank term is \[40, 50\]"):
+        from qdec.lowrank import LowRankTerm
+        m.set_lowrank(LowRankTerm(torch.zeros(40, 2), torch.zeros(2, 50)))

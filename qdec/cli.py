@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         text=Path(args.text), calib_text=Path(args.calib), model=args.model,
         seq_len=args.seq_len, max_windows=args.max_windows, variants=_variants(args.variants),
-        fractions=_floats(args.fractions), policies=args.policies.split(","),
+        fractions=_floats(args.fractions), policies=[p for p in args.policies.split(",") if p],
         residual_bits=args.residual_bits, calib_samples=args.calib_samples,
         calib_len=args.calib_len, progress=not args.no_progress,
         ranks=[int(r) for r in args.ranks.split(",") if r],

@@ -1,4 +1,4 @@
-"""The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``generate``."""
+"""The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``report``, ``generate``."""
 
 from __future__ import annotations
 
@@ -202,6 +202,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .eval.report import write_report
+
+    written = write_report([Path(p) for p in args.results], Path(args.out))
+    for what, path in written.items():
+        print(f"{what}: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qdec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/eval.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="tables and plots from qdec eval JSON files, merged")
+    p.add_argument("results", nargs="+", help="JSON files written by qdec eval")
+    p.add_argument("--out", required=True,
+                   help="output prefix: writes PREFIX.md, PREFIX.png, PREFIX_costs.png")
+    p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
     try:

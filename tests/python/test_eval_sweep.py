@@ -66,3 +66,31 @@ def test_variant_parse_errors():
     assert Variant.parse("awq:3:128:sym") == Variant("awq", 3, 128, True)
     with pytest.raises(ValueError, match="method:bits:group"):
         Variant.parse("awq:3")
+
+
+def test_report_merges_files_and_refuses_mismatched_references(tiny, tmp_path):
+    from qdec.cli import main
+    from qdec.eval.report import load_results, log_gap_closed
+
+    cfg = EvalConfig(text=tiny, calib_text=tiny, seq_len=64, max_windows=2,
+                     variants=[Variant.parse("rtn:3:32")], fractions=[0.25],
+                     policies=["dynamic"], calib_samples=2, calib_len=32, progress=False,
+                     ranks=[2], cost_fractions=[0.25], lowrank_methods=["aser"])
+    a = tmp_path / "a.json"
+    results = run_eval(cfg, a)
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(results))
+    merged = load_results([a, b])
+    assert len(merged["variants"]) == 2 and merged["sources"] == [str(a), str(b)]
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep.md").read_text()
+    assert md.count("| dynamic |") == 2 and "## Matched cost: RTN W3 g32" in md
+    assert (tmp_path / "rep.png").exists() and (tmp_path / "rep_costs.png").exists()
+    bad = dict(results, reference=dict(results["reference"], ppl=results["reference"]["ppl"] * 2))
+    b.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="not the same evaluation"):
+        load_results([a, b])
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a qdec eval file"):
+        load_results([tmp_path / "c.json"])
+    assert log_gap_closed(10.0, 1000.0, 100.0) == pytest.approx(0.5)

@@ -1,0 +1,104 @@
+"""``qdec report``: tables and plots from the JSON files ``qdec eval`` wrote,
+merged (e.g. a 3-bit run and a 2-bit run made separately)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def load_results(paths: list[Path]) -> dict:
+    """Merge eval results: the reference of the first file, the variants of all
+    (each file's variants keep their own reference perplexity for gap closed).
+
+    Raises:
+        ValueError: the files disagree on the reference perplexity by more than
+            0.1 % (different text, windows or model: not comparable).
+    """
+    if not paths:
+        raise ValueError("give at least one results file")
+    merged: dict | None = None
+    for path in paths:
+        try:
+            r = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable qdec eval JSON file ({e})") from None
+        if "reference" not in r or "variants" not in r:
+            raise ValueError(f"{path}: missing 'reference' or 'variants'; not a qdec eval file")
+        if merged is None:
+            merged = {**r, "variants": [], "sources": []}
+        elif not math.isclose(r["reference"]["ppl"], merged["reference"]["ppl"], rel_tol=1e-3):
+            raise ValueError(f"{path}: reference perplexity {r['reference']['ppl']:.3f} differs "
+                             f"from {merged['reference']['ppl']:.3f} of {paths[0]}; "
+                             f"not the same evaluation")
+        merged["variants"].extend(r["variants"])
+        merged["sources"].append(str(path))
+    return merged
+
+
+def log_gap_closed(ref: float, quant: float, compensated: float) -> float:
+    """The gap closed in mean NLL (log perplexity). For a broken base model
+    (2-bit RTN at perplexity 10^6) the perplexity gap is closed ~100 % by any
+    improvement; the NLL gap still tells the methods apart."""
+    if quant == ref:
+        return float("nan")
+    return (math.log(quant) - math.log(compensated)) / (math.log(quant) - math.log(ref))
+
+
+def sweep_table(results: dict) -> str:
+    """Markdown: one row per variant x policy, perplexity (gap closed in
+    perplexity; in NLL) per k."""
+    ref = results["reference"]["ppl"]
+    lines = []
+    for v in results["variants"]:
+        fractions = sorted({c["fraction"] for c in v["compensated"]})
+        if not fractions:
+            continue
+        lines.append(f"**{v['label']}**: reference {ref:.2f}, quantized "
+                     f"{v['quantized']['ppl']:.2f}\n")
+        lines.append("| policy | " + " | ".join(f"k = {f:.0%}" for f in fractions) + " |")
+        lines.append("|---|" + "---|" * len(fractions))
+        for policy in dict.fromkeys(c["policy"] for c in v["compensated"]):
+            cells = []
+            for f in fractions:
+                c = next((c for c in v["compensated"]
+                          if c["policy"] == policy and c["fraction"] == f), None)
+                cells.append("-" if c is None else
+                             f"{c['ppl']:.2f} ({c['gap_closed']:.0%}; "
+                             f"{log_gap_closed(ref, v['quantized']['ppl'], c['ppl']):.0%})")
+            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(paths: list[Path], out_prefix: Path) -> dict[str, Path]:
+    """Write ``<prefix>.md`` (sweep and cost tables) and the plots
+    ``<prefix>.png`` (perplexity against k) and ``<prefix>_costs.png`` (matched
+    cost), the latter two only when the results have such data."""
+    from .costs import cost_table, plot_costs
+    from .sweep import plot_results
+
+    results = load_results(paths)
+    ref = results["reference"]["ppl"]
+    written: dict[str, Path] = {}
+    parts = [f"# QDEC evaluation: {results.get('model', '')}\n",
+             f"Reference perplexity {ref:.3f}; {results['reference']['windows']} windows x "
+             f"{results['config'].get('seq_len', '?')} tokens; sources: "
+             f"{', '.join(results['sources'])}\n", sweep_table(results)]
+    if any(v["compensated"] for v in results["variants"]):
+        written["plot"] = out_prefix.with_suffix(".png")
+        plot_results({**results, "variants": [v for v in results["variants"]
+                                               if v["compensated"]]}, written["plot"])
+    costed = [v for v in results["variants"] if v.get("cost_comparison")]
+    for v in costed:
+        parts.append(f"## Matched cost: {v['label']}\n\n{cost_table(v['cost_comparison'], ref)}\n")
+    if costed:
+        written["cost_plot"] = out_prefix.with_name(out_prefix.name + "_costs.png")
+        plot_costs(costed, ref, written["cost_plot"])
+    written["table"] = out_prefix.with_suffix(".md")
+    tmp = written["table"].with_name(f".{written['table'].name}.tmp")
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text("\n".join(parts))
+    tmp.replace(written["table"])
+    return written

@@ -14,6 +14,7 @@ from . import ops
 from .ops import (
     compensated_linear,
     dequantize,
+    lowrank_linear,
     outlier_select,
     quantized_matmul,
     residual_gather,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compensated_linear",
     "dequantize",
+    "lowrank_linear",
     "ops",
     "outlier_select",
     "quantized_matmul",

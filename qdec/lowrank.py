@@ -535,7 +535,14 @@ class LowRankTerm(nn.Module):
             raise ValueError(f"LowRankTerm: expected input [..., {self.in_features}], got "
                              f"{tuple(x.shape)}")
         a, b = self.lowrank_a, self.lowrank_b
-        return ((x.to(b.dtype) @ b.t()) @ a.t()).to(x.dtype)
+        xf = x.to(b.dtype)  # the op wants one dtype: compute in the factors'
+        needs_grad = torch.is_grad_enabled() and (
+            xf.requires_grad or a.requires_grad or b.requires_grad)
+        if b.dtype in (torch.float32, torch.float16, torch.bfloat16) and not needs_grad:
+            # One pass over both factors (one launch on CUDA), t = L_B x in float32.
+            return ops.lowrank_linear(xf, a, b).to(x.dtype)
+        # float64 factors, or a graph to differentiate: the op has neither.
+        return ((xf @ b.t()) @ a.t()).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

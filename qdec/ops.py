@@ -16,6 +16,8 @@ Shared argument conventions (K = in_features, N = out_features, G = group size):
   last group may be ragged when K is not a multiple of G.
 - ``residual``: int32 ``[K, ceil(N/32) * residual_bits]`` (row j = input channel
   j); ``residual_scales``: float32 ``[N]``; ``r = (q - 2**(bits-1)) * scale[n]``.
+- ``lowrank_a`` ``[N, r]``, ``lowrank_b`` ``[r, K]``: the factors of a static
+  low-rank term ``L_A L_B``, in ``x``'s dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 __all__ = [
     "compensated_linear",
     "dequantize",
+    "lowrank_linear",
     "outlier_select",
     "quantized_matmul",
     "residual_gather",
@@ -149,3 +152,33 @@ def _(x, qweight, scales, zeros, bits, group_size, residual, residual_scales, re
       channels=None):
     torch._check(0 <= k <= x.shape[-1], lambda: f"k must be in [0, {x.shape[-1]}]")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def lowrank_linear(x: Tensor, lowrank_a: Tensor, lowrank_b: Tensor) -> Tensor:
+    """The static low-rank term ``(x @ L_B^T) @ L_A^T``, ``[*, K] -> [*, N]``.
+
+    The rank-``r`` intermediate ``t = L_B x`` is kept in float32 and the output
+    is rounded once to ``x.dtype``; at decode batch sizes both factors are read
+    in one pass (CPU) or one kernel launch (CUDA).
+
+    Args:
+        x: float32 | float16 | bfloat16 ``[*, K]`` (any leading dims, may be
+            empty or non-contiguous).
+        lowrank_a: ``L_A``, ``[N, r]``, same dtype and device as ``x``.
+        lowrank_b: ``L_B``, ``[r, K]``, same dtype and device as ``x``;
+            ``r = 0`` gives zeros.
+    """
+    return torch.ops.qdec.lowrank_linear.default(x, lowrank_a, lowrank_b)
+
+
+@torch.library.register_fake("qdec::lowrank_linear")
+def _(x, lowrank_a, lowrank_b):
+    torch._check(lowrank_a.dim() == 2 and lowrank_b.dim() == 2,
+                 lambda: "lowrank_a and lowrank_b must be 2-D ([N, r] and [r, K])")
+    torch._check(lowrank_b.shape[1] == x.shape[-1],
+                 lambda: f"lowrank_b must have shape [r, K] with K = {x.shape[-1]}")
+    torch._check(lowrank_a.shape[1] == lowrank_b.shape[0],
+                 lambda: f"lowrank_a must have shape [N, r] with r = {lowrank_b.shape[0]}")
+    torch._check(lowrank_a.dtype == x.dtype and lowrank_b.dtype == x.dtype,
+                 lambda: "lowrank_a and lowrank_b must have x's dtype")
+    return x.new_empty((*x.shape[:-1], lowrank_a.shape[0]))

@@ -109,3 +109,13 @@ def compensated_linear_ref(
         xs = torch.gather(x.float(), -1, channels)  # [*, k]
         y = y + (xs.unsqueeze(-1) * r).sum(-2)
     return y.to(x.dtype)
+
+
+def lowrank_linear_ref(
+    x: torch.Tensor, lowrank_a: torch.Tensor, lowrank_b: torch.Tensor
+) -> torch.Tensor:
+    """``(x @ L_B^T) @ L_A^T`` with ``L_A [N, r]``, ``L_B [r, K]``: both
+    products in float32 (the rank-``r`` intermediate stays float32), returned
+    in ``x.dtype``; ``r = 0`` gives zeros."""
+    t = x.float() @ lowrank_b.float().t()
+    return (t @ lowrank_a.float().t()).to(x.dtype)

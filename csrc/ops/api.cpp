@@ -58,9 +58,17 @@ at::Tensor compensated_linear(const at::Tensor& x, const at::Tensor& qweight,
                      residual_bits, k, channels);
 }
 
+at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& lowrank_a,
+                          const at::Tensor& lowrank_b) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "qdec::lowrank_linear");
+  return handle.call(x, lowrank_a, lowrank_b);
+}
+
 bool ops_registered() {
   for (const char* name : {"qdec::dequantize", "qdec::quantized_matmul", "qdec::outlier_select",
-                           "qdec::residual_gather", "qdec::compensated_linear"}) {
+                           "qdec::residual_gather", "qdec::compensated_linear",
+                           "qdec::lowrank_linear"}) {
     if (!c10::Dispatcher::singleton().findSchema({name, ""})) return false;
   }
   return true;

@@ -156,4 +156,33 @@ inline std::pair<WeightGeometry, ResidualGeometry> check_compensated_linear(
   return {geom, rgeom};
 }
 
+// Validated geometry of a static low-rank term y = L_A (L_B x).
+struct LowRankGeometry {
+  int64_t N, K, r;
+};
+
+// Everything lowrank_linear checks on every backend: x [*, K], lowrank_a
+// [N, r], lowrank_b [r, K], one floating dtype for all three, one device.
+inline LowRankGeometry check_lowrank_linear(const at::Tensor& x, const at::Tensor& lowrank_a,
+                                            const at::Tensor& lowrank_b) {
+  const int64_t K = check_activations(x);
+  check_float(lowrank_a, "lowrank_a");
+  check_float(lowrank_b, "lowrank_b");
+  check_dim(lowrank_a, 2, "lowrank_a ([N, r])");
+  check_dim(lowrank_b, 2, "lowrank_b ([r, K])");
+  TORCH_CHECK(lowrank_a.scalar_type() == x.scalar_type() &&
+                  lowrank_b.scalar_type() == x.scalar_type(),
+              "qdec: lowrank_a and lowrank_b must have x's dtype ", x.scalar_type(), ", got ",
+              lowrank_a.scalar_type(), " and ", lowrank_b.scalar_type());
+  const int64_t r = lowrank_b.size(0);
+  TORCH_CHECK(lowrank_b.size(1) == K, "qdec: lowrank_b must have shape [r, K] with K = x.size(-1) = ",
+              K, ", got ", lowrank_b.sizes());
+  TORCH_CHECK(lowrank_a.size(1) == r,
+              "qdec: lowrank_a must have shape [N, r] with r = lowrank_b.size(0) = ", r, ", got ",
+              lowrank_a.sizes());
+  check_same_device(lowrank_a, x, "lowrank_a", "x");
+  check_same_device(lowrank_b, x, "lowrank_b", "x");
+  return {lowrank_a.size(0), K, r};
+}
+
 }  // namespace qdec

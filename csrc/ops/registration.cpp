@@ -45,4 +45,9 @@ TORCH_LIBRARY(qdec, m) {
       "compensated_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, "
       "int bits, int group_size, Tensor residual, Tensor residual_scales, "
       "int residual_bits, int k, Tensor? channels=None) -> Tensor");
+
+  // Static low-rank term y[*, N] = (x[*, K] @ lowrank_b^T) @ lowrank_a^T with
+  // lowrank_a [N, r], lowrank_b [r, K] in x's dtype; the r-vector t = L_B x is
+  // kept in float32 and the output is in x's dtype. r = 0 gives zeros.
+  m.def("lowrank_linear(Tensor x, Tensor lowrank_a, Tensor lowrank_b) -> Tensor");
 }

@@ -173,3 +173,35 @@ TEST_CASE("bad arguments raise errors that name them") {
   CHECK(message([&] { qdec::dequantize(qweight, scales, std::nullopt, c.bits, 48, c.K); })
             .find("group_size must be a positive multiple of 32") != std::string::npos);
 }
+
+TEST_CASE("lowrank_linear through the dispatcher matches a hand computation") {
+  // x [2, 5], L_B [2, 5], L_A [3, 2]: small dyadic values, so float32 is exact.
+  const float xv[] = {1.f, -2.f, 0.5f, 3.f, 0.f,  //
+                      -1.f, 0.25f, 2.f, 0.f, 1.f};
+  const float bv[] = {1.f, 0.f, 2.f, -1.f, 0.5f,  //
+                      0.f, 1.f, -1.f, 0.25f, 2.f};
+  const float av[] = {1.f, 2.f,  //
+                      -0.5f, 0.f,  //
+                      0.f, -4.f};
+  const auto x = at::from_blob(const_cast<float*>(xv), {2, 5}, at::kFloat).clone();
+  const auto lb = at::from_blob(const_cast<float*>(bv), {2, 5}, at::kFloat).clone();
+  const auto la = at::from_blob(const_cast<float*>(av), {3, 2}, at::kFloat).clone();
+  // t = L_B x per row:
+  //   row 0: t0 = 1 + 0 + 1 - 3 + 0 = -1,      t1 = 0 - 2 - 0.5 + 0.75 + 0 = -1.75
+  //   row 1: t0 = -1 + 0 + 4 - 0 + 0.5 = 3.5,  t1 = 0 + 0.25 - 2 + 0 + 2 = 0.25
+  // y = L_A t: row 0: [-1 - 3.5, 0.5, 7] ; row 1: [3.5 + 0.5, -1.75, -1]
+  const float want[] = {-4.5f, 0.5f, 7.f, 4.f, -1.75f, -1.f};
+  const auto y = qdec::lowrank_linear(x, la, lb);
+  REQUIRE(y.sizes() == at::IntArrayRef({2, 3}));
+  REQUIRE(y.scalar_type() == at::kFloat);
+  for (int i = 0; i < 6; ++i) {
+    INFO("output " << i);
+    REQUIRE(y.data_ptr<float>()[i] == want[i]);
+  }
+  // A single row without a batch dim, and rank 0 (all zeros).
+  const auto y0 = qdec::lowrank_linear(x[1], la, lb);
+  REQUIRE(y0.sizes() == at::IntArrayRef({3}));
+  REQUIRE(at::equal(y0, y[1]));
+  const auto z = qdec::lowrank_linear(x, at::zeros({3, 0}), at::zeros({0, 5}));
+  REQUIRE(at::equal(z, at::zeros({2, 3})));
+}

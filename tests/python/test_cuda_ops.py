@@ -53,3 +53,64 @@ def test_compensated_linear_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+# ------------------------------------------------------------- lowrank_linear
+def _lowrank_factors(N, K, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(N, r, generator=g) / max(r, 1) ** 0.5
+    b = torch.randn(r, K, generator=g) / K ** 0.5
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096, 4096, 128), (1024, 4096, 16), (4096, 14336, 16),
+                                   (4096, 14336, 128), (33, 100, 5), (7, 45, 1)])
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_lowrank_linear_cuda_matches_float64(dtype, shape, batch):
+    # Llama-3-8B shapes (vectorised loads, several K chunks in phase 1) and odd
+    # ones (scalar loads); batch 16 is the one-launch kernel's largest.
+    N, K, r = shape
+    a, b = _lowrank_factors(N, K, r, dtype)
+    x = torch.randn(batch, K).to(dtype)
+    got = qdec.ops.lowrank_linear(x.cuda(), a.cuda(), b.cuda())
+    want = x.double() @ (a.double() @ b.double()).t()
+    # float32 accumulation (rtol 1e-5) plus one rounding to the output dtype.
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=1e-5 * want.abs().max())
+
+
+def test_lowrank_linear_cuda_gemm_fallback_and_large_rank():
+    # 17 rows and B * r > 12288 floats of shared memory both take the GEMMs.
+    for batch, r in [(17, 16), (4, 4096)]:
+        a, b = _lowrank_factors(300, 4096, r, torch.float16, seed=1)
+        x = torch.randn(batch, 4096).half()
+        got = qdec.ops.lowrank_linear(x.cuda(), a.cuda(), b.cuda())
+        want = x.double() @ (a.double() @ b.double()).t()
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-3,
+                                   atol=1e-5 * want.abs().max())
+
+
+def test_lowrank_linear_cuda_deterministic_and_graph_capture():
+    a, b = (t.cuda() for t in _lowrank_factors(4096, 4096, 64, torch.float16, seed=2))
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    eager = qdec.ops.lowrank_linear(x, a, b)
+    assert torch.equal(qdec.ops.lowrank_linear(x, a, b), eager)  # no atomics: same bits
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up the caching allocator outside capture
+        qdec.ops.lowrank_linear(x, a, b)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = qdec.ops.lowrank_linear(x, a, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_lowrank_linear_cuda_matches_cpu_kernel():
+    a, b = _lowrank_factors(1024, 4096, 32, torch.float32, seed=3)
+    x = torch.randn(2, 4096)
+    torch.testing.assert_close(qdec.ops.lowrank_linear(x.cuda(), a.cuda(), b.cuda()).cpu(),
+                               qdec.ops.lowrank_linear(x, a, b), rtol=1e-5, atol=1e-5)

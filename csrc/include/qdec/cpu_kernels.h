@@ -122,4 +122,45 @@ inline void residual_row(const PackedResidual& r, int64_t j, float* out) {
   residual_axpy<BITS>(r, j, 1.f, out);
 }
 
+// ------------------------------------------------------------ low-rank term
+// y = L_A (L_B x) with L_A [N, r], L_B [r, K] row-major. Unlike the packed
+// weight, the factors are read in their storage type T (float, or the glue's
+// c10::Half / c10::BFloat16: anything static_cast-able to and from float):
+// converting them up front would cost as much memory traffic as the op itself.
+
+// sum_i a[i] * b[i] in float32. Eight independent partial sums give the
+// compiler vectorisable code without -ffast-math (which would let it
+// reassociate freely); the summation order is fixed, so results are
+// deterministic for a given n.
+template <typename T>
+inline float dot_f32(const T* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<float>(a[i + u]) * b[i + u];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += static_cast<float>(a[i]) * b[i];
+  return s;
+}
+
+// Phase 1: t[b, j] = sum_k L_B[j, k] x[b, k] for j in [j_begin, j_end), all
+// b < B (x float32 [B, K], t float32 [B, r]). Each factor row is read once for
+// all B activation rows.
+template <typename T>
+void lowrank_project(const T* lowrank_b, const float* x, int64_t B, int64_t K, int64_t r,
+                     int64_t j_begin, int64_t j_end, float* t) {
+  for (int64_t j = j_begin; j < j_end; ++j)
+    for (int64_t b = 0; b < B; ++b) t[b * r + j] = dot_f32(lowrank_b + j * K, x + b * K, K);
+}
+
+// Phase 2: y[b, n] = sum_j L_A[n, j] t[b, j] for n in [n_begin, n_end), all
+// b < B, rounded once to T (y [B, N]). r = 0 writes zeros.
+template <typename T>
+void lowrank_expand(const T* lowrank_a, const float* t, int64_t B, int64_t N, int64_t r,
+                    int64_t n_begin, int64_t n_end, T* y) {
+  for (int64_t n = n_begin; n < n_end; ++n)
+    for (int64_t b = 0; b < B; ++b)
+      y[b * N + n] = static_cast<T>(dot_f32(lowrank_a + n * r, t + b * r, r));
+}
+
 }  // namespace qdec::cpu

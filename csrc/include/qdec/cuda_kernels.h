@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace qdec::cuda {
@@ -49,5 +50,42 @@ cudaError_t launch_residual_gather(const ResidualView& r, const int64_t* channel
 cudaError_t launch_residual_axpy(const ResidualView& r, const int64_t* channels, int64_t k,
                                  const void* x, DType x_dtype, int64_t B, int64_t K, float* acc,
                                  cudaStream_t stream);
+
+// A static low-rank term y = L_A (L_B x): L_A [N, r], L_B [r, K], row-major,
+// in device memory, with x and y in the same dtype.
+struct LowRankView {
+  const void* lowrank_a;  // [N, r]
+  const void* lowrank_b;  // [r, K]
+  DType dtype;
+  int64_t N, K, r;
+};
+
+// The one-launch kernel serves B <= kMaxLowRankRows rows whose float32
+// t = L_B x (B*r values) fits in shared memory; the glue uses GEMMs otherwise.
+constexpr int64_t kMaxLowRankRows = 16;
+constexpr int64_t kMaxLowRankSharedFloats = 12288;  // 48 KiB, the default limit
+
+// Phase 1 splits K into chunks (a multiple of 256 values, so every lane's
+// 16-byte loads stay inside one chunk) so that about 1024 warps share
+// L_B's r*K values, but at most 1024/r chunks: every block of phase 2 sums
+// the chunk partials of t, which must stay cheap. Depends only on the shape,
+// so results do not depend on the GPU's SM count.
+inline int64_t lowrank_chunk(int64_t K, int64_t r) {
+  const int64_t want =
+      std::max<int64_t>(1, std::min<int64_t>((K + 255) / 256, 1024 / std::max<int64_t>(r, 1)));
+  const int64_t chunk = ((std::max<int64_t>(K, 1) + want - 1) / want + 255) / 256 * 256;
+  return std::max<int64_t>(chunk, 256);
+}
+inline int64_t lowrank_splits(int64_t K, int64_t r) {
+  return std::max<int64_t>(1, (K + lowrank_chunk(K, r) - 1) / lowrank_chunk(K, r));
+}
+
+// y[b, :] = L_A (L_B x[b, :]) for b < B, accumulated in float32, in ONE
+// launch (cooperative grid; two launches of the same kernel where cooperative
+// launch is unsupported). `partial` is float32 scratch of
+// lowrank_splits(K, r) * B * r values. Needs B <= kMaxLowRankRows and
+// B * r <= kMaxLowRankSharedFloats.
+cudaError_t launch_lowrank(const LowRankView& w, const void* x, int64_t B, float* partial,
+                           void* y, cudaStream_t stream);
 
 }  // namespace qdec::cuda

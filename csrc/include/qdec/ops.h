@@ -30,6 +30,10 @@ at::Tensor compensated_linear(const at::Tensor& x, const at::Tensor& qweight,
                               const at::Tensor& residual_scales, int64_t residual_bits, int64_t k,
                               const std::optional<at::Tensor>& channels = std::nullopt);
 
+// (x @ lowrank_b^T) @ lowrank_a^T: x [*, K], lowrank_a [N, r], lowrank_b [r, K].
+at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& lowrank_a,
+                          const at::Tensor& lowrank_b);
+
 // True when every qdec schema is registered in this process: false means the
 // ops library was linked without --no-as-needed and its registrations never ran.
 bool ops_registered();

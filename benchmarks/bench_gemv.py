@@ -1,0 +1,305 @@
+"""Decode-GEMV benchmark of the qdec kernels at Llama-3-8B shapes, on CPU or CUDA.
+
+Times, per layer shape (N x K) and batch size, in ONE run so that every number
+shares the machine state:
+
+- ``quantized_matmul``: packed base weight, bits 2/3/4, group 128;
+- ``compensated_linear``: the same plus dynamic compensation of the top
+  k = 1% / 5% of K input channels from a 4-bit residual store (pinned host
+  memory read zero-copy on CUDA, as deployed);
+- ``lowrank_linear``: the static low-rank term alone, r = 16/32/64/128;
+- baselines: the dense matmul (cuBLAS fp16 on CUDA, fp32 BLAS on CPU) and, on
+  CUDA, torch's int4 tinygemm (``aten._weight_int4pack_mm``, bf16 activations);
+  if tinygemm is unavailable the reason is recorded instead.
+
+Activations and scales are fp16 on CUDA, fp32 on CPU. Weights are random: the
+kernels' cost does not depend on the code values. CUDA times are the median of
+per-iteration CUDA-event intervals after a warm-up, so they include each op's
+launch overhead, as a decode step pays it; CPU times are medians of
+``time.perf_counter`` intervals. ``bytes`` counts what an op must read and
+write (weights, scales, factors, selected residual rows, x and y), so
+``gb_per_s`` is the effective bandwidth; ``host_bytes`` is the part read over
+PCIe from pinned memory on CUDA. ``ratio_vs_dense`` = median / dense median at
+the same shape and batch (< 1 is faster than dense).
+
+Writes ``benchmarks/results/bench_gemv_<device>.json`` (atomically) and prints
+a table. Examples::
+
+    python benchmarks/bench_gemv.py --device cuda --batches 1,2,4,8,16
+    python benchmarks/bench_gemv.py --device cpu --iters 5      # shared machine
+    python benchmarks/bench_gemv.py --quick                      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import qdec  # noqa: E402  (registers the ops)
+
+# Llama-3-8B linear layers, (N, K): out_features x in_features.
+SHAPES = [
+    (4096, 4096, "q_proj/o_proj"),
+    (1024, 4096, "k_proj/v_proj"),
+    (14336, 4096, "gate_proj/up_proj"),
+    (4096, 14336, "down_proj"),
+]
+QUICK_SHAPES = [(1024, 4096, "k_proj/v_proj")]
+GROUP = 128
+RESIDUAL_BITS = 4
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------ timing
+def time_op(fn, device: str, iters: int, warmup: int) -> float:
+    """Median seconds of one call of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ operands
+def random_words(rows: int, cols: int, device: str, gen: torch.Generator) -> torch.Tensor:
+    """Random int32 words: every bit pattern is a valid packed code block."""
+    w = torch.randint(-(2 ** 31), 2 ** 31, (rows, cols), dtype=torch.int64, generator=gen)
+    return w.to(torch.int32).to(device)
+
+
+def packed_layer(N: int, K: int, bits: int, dtype, device: str, gen):
+    words = -(-K // 32) * bits
+    groups = -(-K // GROUP)
+    qweight = random_words(N, words, device, gen)
+    scales = ((torch.rand(N, groups, generator=gen) + 0.5) * 0.02 / (1 << (bits - 1))).to(
+        device, dtype)
+    zeros = torch.randint(0, 1 << bits, (N, groups), generator=gen).to(device, dtype)
+    nbytes = qweight.numel() * 4 + 2 * scales.numel() * scales.element_size()
+    return (qweight, scales, zeros, bits, GROUP), nbytes
+
+
+def tinygemm_setup(N: int, K: int, device: str, gen):
+    """(callable taking bf16 x, weight bytes) for torch's int4 tinygemm, or
+    raises with the reason it cannot run here."""
+    if device != "cuda":
+        raise RuntimeError("tinygemm (aten._weight_int4pack_mm) is a CUDA kernel")
+    codes = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=gen).to(device)
+    try:  # torch >= 2.5: uint8 [N, K/2], two codes per byte
+        packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+        w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+    except (RuntimeError, TypeError):  # older torch: int32 [N, K]
+        w = torch.ops.aten._convert_weight_to_int4pack(codes, 8)
+    sz = torch.ones(K // GROUP, N, 2, dtype=torch.bfloat16, device=device)
+    fn = lambda x: torch.ops.aten._weight_int4pack_mm(x, w, GROUP, sz)  # noqa: E731
+    fn(torch.randn(1, K, device=device, dtype=torch.bfloat16))  # fails here if unsupported
+    return fn, w.numel() * w.element_size() + sz.numel() * 2
+
+
+# ------------------------------------------------------------------ the run
+def run(args) -> dict:
+    device = args.device
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    elt = torch.finfo(dtype).bits // 8
+    quick = args.quick
+    shapes = QUICK_SHAPES if quick else SHAPES
+    bits_list = [4] if quick else [2, 3, 4]
+    k_fracs = [0.01] if quick else [0.01, 0.05]
+    ranks = [16] if quick else [16, 32, 64, 128]
+    batches = [int(b) for b in args.batches.split(",")]
+    comp_bits = args.comp_bits if args.comp_bits in bits_list else bits_list[-1]
+    iters = args.iters or ((20 if quick else 200) if device == "cuda" else (3 if quick else 10))
+    warmup = args.warmup if args.warmup is not None else (
+        (5 if quick else 20) if device == "cuda" else 1)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    tinygemm_status: dict = {"available": None, "reason": None}
+
+    def record(shape, B, op, config, seconds, nbytes, host_bytes=0, **extra):
+        row = dict(shape=f"{shape[0]}x{shape[1]}", layer=shape[2], N=shape[0], K=shape[1],
+                   batch=B, op=op, config=config, median_us=seconds * 1e6, bytes=nbytes,
+                   host_bytes=host_bytes, gb_per_s=nbytes / seconds / 1e9, **extra)
+        results.append(row)
+        print(f"{row['shape']:>11} B={B:<2} {op:<20} {config:<22} {row['median_us']:10.1f} us "
+              f"{row['gb_per_s']:8.1f} GB/s", flush=True)
+        return row
+
+    for N, K, layer in shapes:
+        shape = (N, K, layer)
+        dense_w = (torch.randn(N, K, generator=gen) * 0.02).to(device, dtype)
+        layers = {b: packed_layer(N, K, b, dtype, device, gen) for b in bits_list}
+        rwords = -(-N // 32) * RESIDUAL_BITS
+        residual = random_words(K, rwords, "cpu", gen)
+        if device == "cuda":
+            residual = residual.pin_memory()
+        rscales = ((torch.rand(N, generator=gen) + 0.5) * 0.002).to(device)
+        factors = {r: ((torch.randn(N, r, generator=gen) / r ** 0.5).to(device, dtype),
+                       (torch.randn(r, K, generator=gen) / K ** 0.5).to(device, dtype))
+                   for r in ranks}
+        try:
+            tg_fn, tg_bytes = tinygemm_setup(N, K, device, gen)
+            tinygemm_status["available"] = True
+        except Exception as e:  # noqa: BLE001  (record why, keep benchmarking)
+            tg_fn = None
+            tinygemm_status = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+
+        for B in batches:
+            x = torch.randn(B, K, generator=gen).to(device, dtype)
+            io = B * (K + N) * elt
+            dense = record(shape, B, "dense", "cuBLAS fp16" if device == "cuda" else "BLAS fp32",
+                           time_op(lambda: torch.nn.functional.linear(x, dense_w), device, iters,
+                                   warmup), N * K * elt + io)
+            t_dense = dense["median_us"]
+            if tg_fn is not None:
+                xb = x.to(torch.bfloat16)
+                record(shape, B, "tinygemm_int4", "g128 bf16",
+                       time_op(lambda: tg_fn(xb), device, iters, warmup),
+                       tg_bytes + B * (K + N) * 2)
+            qmm_us = {}
+            for bits, (wargs, wbytes) in layers.items():
+                row = record(shape, B, "quantized_matmul", f"{bits}-bit g{GROUP}",
+                             time_op(lambda: qdec.quantized_matmul(x, *wargs), device, iters,
+                                     warmup), wbytes + io)
+                qmm_us[bits] = row["median_us"]
+            wargs, wbytes = layers[comp_bits]
+            for frac in k_fracs:
+                k = max(1, round(frac * K))
+                # Rows of the store actually read: k per batch row (upper bound:
+                # rows shared between batch rows are read once per row here).
+                rbytes = B * k * rwords * 4
+                row = record(
+                    shape, B, "compensated_linear",
+                    f"{comp_bits}-bit k={k} ({frac:.0%}) r{RESIDUAL_BITS}",
+                    time_op(lambda: qdec.compensated_linear(x, *wargs, residual, rscales,
+                                                            RESIDUAL_BITS, k),
+                            device, iters, warmup),
+                    wbytes + io + rbytes + N * 4,
+                    host_bytes=rbytes if device == "cuda" else 0, k=k)
+                row["overhead_vs_quantized_matmul"] = row["median_us"] / qmm_us[comp_bits]
+            for r, (la, lb) in factors.items():
+                row = record(shape, B, "lowrank_linear", f"r={r}",
+                             time_op(lambda: qdec.ops.lowrank_linear(x, la, lb), device, iters,
+                                     warmup), r * (N + K) * elt + io, rank=r)
+            for row in results:
+                if row["shape"] == f"{N}x{K}" and row["batch"] == B:
+                    row["ratio_vs_dense"] = row["median_us"] / t_dense
+        del dense_w, layers, factors, residual
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    return {
+        "device": device_name(device),
+        "device_type": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "threads": torch.get_num_threads() if device == "cpu" else None,
+        "dtype": str(dtype),
+        "quick": quick,
+        "iters": iters,
+        "warmup": warmup,
+        "group_size": GROUP,
+        "residual_bits": RESIDUAL_BITS,
+        "compensated_base_bits": comp_bits,
+        "timing": "median of per-call CUDA event intervals" if device == "cuda"
+                  else "median of per-call time.perf_counter intervals",
+        "tinygemm": tinygemm_status,
+        "results": results,
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def print_table(data: dict) -> None:
+    print(f"\n{data['device']} | torch {data['torch']} | commit {data['commit']} | "
+          f"{data['dtype']} | median of {data['iters']}")
+    print(f"{'shape':>11} {'B':>2} {'op':<20} {'config':<24} {'us':>10} {'GB/s':>8} {'x dense':>8}")
+    for r in data["results"]:
+        print(f"{r['shape']:>11} {r['batch']:>2} {r['op']:<20} {r['config']:<24} "
+              f"{r['median_us']:10.1f} {r['gb_per_s']:8.1f} {r.get('ratio_vs_dense', 0):8.3f}")
+    if data["tinygemm"]["available"] is False:
+        print(f"tinygemm unavailable: {data['tinygemm']['reason']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes (e.g. 1,2,4,8,16)")
+    p.add_argument("--iters", type=int, default=0, help="timed iterations (0: device default)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--comp-bits", type=int, default=3,
+                   help="base bits of the compensated_linear configs")
+    p.add_argument("--quick", action="store_true", help="one shape, few configs and iterations")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output JSON (default benchmarks/results/bench_gemv_<device>.json)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    with torch.inference_mode():
+        data = run(args)
+    out = args.out or ROOT / "benchmarks" / "results" / f"bench_gemv_{args.device}.json"
+    write_json_atomic(out, data)
+    print_table(data)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

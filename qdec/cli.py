@@ -74,25 +74,54 @@ def load_model(path: str | None):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize every decoder linear and write a QDEC checkpoint (packed weights,
-    residual store, tokenizer) plus a JSON summary of per-layer errors."""
+    residual store, tokenizer) plus a JSON summary of per-layer errors.
+
+    A Hugging Face directory is quantized by streaming: one decoder layer in memory
+    at a time (:func:`qdec.quant.streaming.quantize_checkpoint_streaming`), so peak
+    memory does not grow with the model. A GGUF file (the embedded model by
+    default) is loaded whole, as it is small."""
     from .eval.sweep import calibration_ids, environment, write_json
-    from .formats.qdec_checkpoint import save_quantization_result
-    from .quant.pipeline import quantize_model
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    model, tok = load_model(args.model)
-    calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len, args.seed)
+    options = dict(symmetric=args.symmetric, residual_bits=args.residual_bits or None,
+                   gptq_act_order=args.act_order)
     t0 = time.time()
-    result = quantize_model(model, args.method, args.bits, args.group_size,
-                            symmetric=args.symmetric, calib_ids=calib,
-                            residual_bits=args.residual_bits or None,
-                            gptq_act_order=args.act_order)
-    with tempfile_dir(out) as tmp_tok:
-        tok.save_pretrained(tmp_tok)
-        extra = {f.name: f for f in Path(tmp_tok).iterdir()}
-        save_quantization_result(out, result, model, overwrite=args.overwrite, extra_files=extra)
+    if args.model is not None and not str(args.model).endswith(".gguf"):
+        import torch
+        from transformers import AutoTokenizer
+
+        from .quant.streaming import quantize_checkpoint_streaming
+
+        src = Path(args.model)
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{src}: neither a .gguf file nor a model directory with "
+                                    f"config.json")
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+        calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
+                                args.seed)
+        with tempfile_dir(out) as tmp_tok:
+            tok.save_pretrained(tmp_tok)
+            extra = {f.name: f for f in Path(tmp_tok).iterdir()}
+            # float32 compute, as the in-memory path loads HF directories (load_model).
+            result = quantize_checkpoint_streaming(
+                src, out, args.method, args.bits, args.group_size, calib_ids=calib,
+                overwrite=args.overwrite, dtype=torch.float32, extra_files=extra, **options)
+    else:
+        from .formats.qdec_checkpoint import save_quantization_result
+        from .quant.pipeline import quantize_model
+
+        model, tok = load_model(args.model)
+        calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
+                                args.seed)
+        result = quantize_model(model, args.method, args.bits, args.group_size,
+                                calib_ids=calib, **options)
+        with tempfile_dir(out) as tmp_tok:
+            tok.save_pretrained(tmp_tok)
+            extra = {f.name: f for f in Path(tmp_tok).iterdir()}
+            save_quantization_result(out, result, model, overwrite=args.overwrite,
+                                     extra_files=extra)
     layers = {name: {"rel_error": r.rel_error, "rel_error_full_residual": r.rel_error_full_residual,
                      "weight_bytes": r.weight_bytes, "residual_bytes": r.residual_bytes,
                      "seconds": round(r.seconds, 3)} for name, r in result.linears.items()}
@@ -102,7 +131,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                "seconds": round(time.time() - t0, 1),
                "weight_bytes": sum(v["weight_bytes"] for v in layers.values()),
                "residual_bytes": sum(v["residual_bytes"] for v in layers.values()),
+               "layer_seconds": {k: round(v, 3) for k, v in result.layer_seconds.items()},
+               "streaming": hasattr(result, "layer_rss_bytes"),
                "environment": environment(), "layers": layers}
+    if hasattr(result, "layer_rss_bytes"):
+        summary["layer_rss_bytes"] = result.layer_rss_bytes
     write_json(summary, out / "quantize_summary.json")
     print(result.summary())
     print(f"wrote {out}")

@@ -287,6 +287,42 @@ def _json_safe(obj: object, what: str) -> object:
         raise FormatError(f"{what} is not JSON-serializable ({e})") from None
 
 
+def checkpoint_config(hf_config: Mapping, layers: Mapping[str, Mapping], method: str,
+                      residual_bits: int | None, source: Mapping | None = None) -> dict:
+    """The checkpoint's ``config.json``: ``hf_config`` plus the ``qdec`` section.
+
+    ``layers`` maps each quantized linear, in file order, to its
+    :meth:`PackedWeight.layer_metadata`; ``residual_bits`` is None when no
+    residual store is written. Any ``quantization_config`` moves to
+    ``qdec.source`` (module docstring)."""
+    config = copy.deepcopy(dict(_json_safe(dict(hf_config), "hf_config")))
+    config.pop(METADATA_KEY, None)
+    src = dict(_json_safe(dict(source or {}), "source"))
+    if "quantization_config" in config:
+        src.setdefault("quantization_config", config.pop("quantization_config"))
+    entries = list(layers.values())
+    section = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "bits": _common([e["bits"] for e in entries]),
+        "group_size": _common([e["group_size"] for e in entries]),
+        "symmetric": _common([e["symmetric"] for e in entries]),
+        "residual_bits": residual_bits,
+        "quantized_modules": list(layers),
+    }
+    if src:
+        section["source"] = src
+    config[METADATA_KEY] = section
+    return config
+
+
+def model_file_metadata(layers: Mapping[str, Mapping]) -> dict[str, str]:
+    """The ``__metadata__`` of ``model.safetensors`` for these per-layer entries
+    (:meth:`PackedWeight.layer_metadata`, in file order)."""
+    meta = {"format_version": FORMAT_VERSION, "layers": {n: dict(e) for n, e in layers.items()}}
+    return {"format": "pt", METADATA_KEY: json.dumps(meta)}
+
+
 def write_qdec_checkpoint(
     path: str | os.PathLike,
     *,
@@ -361,24 +397,8 @@ def write_qdec_checkpoint(
         if not os.path.isfile(src):
             raise FileNotFoundError(f"extra file {src} (for {fname!r}) does not exist")
 
-    config = copy.deepcopy(dict(_json_safe(dict(hf_config), "hf_config")))
-    config.pop(METADATA_KEY, None)
-    src = dict(_json_safe(dict(source or {}), "source"))
-    if "quantization_config" in config:
-        src.setdefault("quantization_config", config.pop("quantization_config"))
-    layers = list(packed.values())
-    section = {
-        "format_version": FORMAT_VERSION,
-        "method": method,
-        "bits": _common([w.bits for w in layers]),
-        "group_size": _common([w.group_size for w in layers]),
-        "symmetric": _common([w.symmetric for w in layers]),
-        "residual_bits": residual_bits if residuals else None,
-        "quantized_modules": list(packed),
-    }
-    if src:
-        section["source"] = src
-    config[METADATA_KEY] = section
+    config = checkpoint_config(hf_config, {n: w.layer_metadata() for n, w in packed.items()},
+                               method, residual_bits if residuals else None, source)
 
     out: dict[str, Tensor] = dict(tensors)
     for name, w in packed.items():
@@ -388,11 +408,10 @@ def write_qdec_checkpoint(
             out[f"{name}.zeros"] = w.zeros
         if w.input_permutation is not None:
             out[f"{name}.input_perm"] = w.input_permutation.to(torch.int32)
-    meta = {"format_version": FORMAT_VERSION,
-            "layers": {name: w.layer_metadata() for name, w in packed.items()}}
+    file_meta = model_file_metadata({name: w.layer_metadata() for name, w in packed.items()})
 
     with atomic_directory(path, overwrite) as tmp:
-        save_safetensors(out, tmp / MODEL_FILE, {"format": "pt", METADATA_KEY: json.dumps(meta)})
+        save_safetensors(out, tmp / MODEL_FILE, file_meta)
         if residuals:
             save_residual_file(tmp / RESIDUAL_FILE, residuals, residual_bits)
         write_json_atomic(config, tmp / CONFIG_FILE)
@@ -587,6 +606,7 @@ def save_quantization_result(path: str | os.PathLike, result, model: torch.nn.Mo
 
 __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "ImportedCheckpoint", "MODEL_FILE", "PackedWeight",
-    "QDECCheckpoint", "read_qdec_checkpoint", "save_quantization_result",
+    "QDECCheckpoint", "checkpoint_config", "model_file_metadata", "read_qdec_checkpoint",
+    "save_quantization_result",
     "write_qdec_checkpoint",
 ]

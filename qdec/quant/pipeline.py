@@ -29,7 +29,10 @@ input/output ``[n, seq, hidden]`` and the four captured linear inputs
 (``hidden`` x 3 and ``intermediate`` per token). Nothing is kept per layer except
 the packed results (on the CPU). The model stays where it is; with ``device``
 set, each layer is moved there for its turn and back afterwards.
-:func:`measure_slice_memory` measures this on a Llama-3-8B-shaped slice.
+:func:`measure_slice_memory` measures this on a Llama-3-8B-shaped slice. The
+model itself must be in memory here; :mod:`qdec.quant.streaming` runs the same
+per-layer code (:func:`quantize_decoder_layer`) on a checkpoint read from disk one
+layer at a time, so its peak does not grow with the model.
 
 What happens to the model: RTN and GPTQ leave it unchanged. AWQ modifies it
 **in place** by folding its scales (an FP-exact reparametrisation): norm
@@ -45,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -283,6 +286,146 @@ def _gram_pays(tokens: int, K: int, outputs: int, evals: int, gram_bytes_limit: 
     return tokens * K * K + evals * outputs * K * K < (evals + 1) * tokens * K * outputs
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """How each decoder layer is quantized (the per-layer arguments of
+    :func:`quantize_model`, shared with :mod:`qdec.quant.streaming`)."""
+
+    method: str
+    bits: int
+    group_size: int
+    symmetric: bool = False
+    residual_bits: int | None = 4
+    propagate: str = "quantized"
+    scale_dtype: torch.dtype = torch.float16
+    residual_grid_points: int = 32
+    batch_size: int = 1
+    gptq_act_order: bool = False
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    awq_n_grid: int = 20
+    awq_clip: bool = True
+    awq_search_samples: int | None = None
+    awq_clip_tokens: int = 512
+
+    def validate(self, calib_ids: Tensor | None) -> None:
+        """Raise ValueError for an unknown method, bad widths or calibration ids."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if self.residual_bits is not None:
+            check_bits(self.residual_bits, "residual_bits")
+        if self.propagate not in ("quantized", "fp"):
+            raise ValueError(f"propagate must be 'quantized' or 'fp', got {self.propagate!r}")
+        if calib_ids is None and self.method != "rtn":
+            raise ValueError(f"method={self.method!r} needs calib_ids (int64 [n, seq])")
+        if calib_ids is not None and (calib_ids.dim() != 2 or calib_ids.dtype != torch.long
+                                      or calib_ids.numel() == 0):
+            raise ValueError(f"calib_ids must be a non-empty int64 [n, seq] tensor, got "
+                             f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
+
+
+@torch.no_grad()
+def quantize_decoder_layer(layer: nn.Module, prefix: str, hidden: Tensor | None,
+                           kwargs: dict | None, opts: LayerOptions, result: "QuantizationResult",
+                           note: Callable[[str], None] | None = None) -> Tensor | None:
+    """Quantize the 7 linears of one decoder layer (already on its processing
+    device) and return the calibration hidden states for the next layer.
+
+    Args:
+        layer: the decoder layer; AWQ folds its scales into it in place.
+        prefix: its qualified name, e.g. ``"model.layers.3"``.
+        hidden: the layer's input ``[n, seq, hidden]`` (None: no calibration, RTN only).
+        kwargs: the layer's keyword arguments (:func:`capture_layer_inputs`).
+        opts: the quantization settings.
+        result: receives the :class:`LinearResult` of each linear (and, for AWQ,
+            the layer's search result and scaled norm weights).
+        note: optional ``callable(str)`` for progress messages.
+
+    Returns:
+        The next layer's input (quantized or FP outputs, per ``opts.propagate``),
+        or None without calibration.
+    """
+    note = note or (lambda msg: None)
+    method, bits, group_size, symmetric = opts.method, opts.bits, opts.group_size, opts.symmetric
+    residual_bits, batch_size = opts.residual_bits, opts.batch_size
+    inputs, fp_out = (None, None)
+    if hidden is not None:
+        inputs, fp_out = capture_linear_inputs(layer, hidden, kwargs, batch_size)
+    clips: dict[str, Tensor] = {}
+    if method == "awq":
+        awq_result = awq_layer(layer, inputs, kwargs, bits, group_size, symmetric,
+                               opts.awq_n_grid, opts.awq_clip, 0.5, opts.awq_clip_tokens,
+                               opts.awq_search_samples, batch_size, note)
+        result.awq[prefix] = awq_result
+        clips = awq_result.clips
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            result.norm_weights[f"{prefix}.{norm}.weight"] = (
+                layer.get_submodule(norm).weight.detach().cpu().clone())
+    # One [K, K] Gram/Hessian alive at a time: the linears sharing an input are
+    # consecutive in LINEAR_INPUTS.
+    gram_key, gram = None, None
+    evals = 1 if residual_bits is None else 2
+    quantized: dict[str, QuantizedWeight] = {}
+    for name, key in LINEAR_INPUTS.items():
+        lin: nn.Linear = layer.get_submodule(name)
+        note(name)
+        t0 = time.perf_counter()
+        w_ref = lin.weight.detach()
+        qname = f"{prefix}.{name}"
+        if inputs is not None and key != gram_key:
+            gram_key, gram = key, None
+            x = inputs[key]
+            tokens, K = x.numel() // x.shape[-1], x.shape[-1]
+            outputs = sum(layer.get_submodule(n).out_features
+                          for n, k in LINEAR_INPUTS.items() if k == key)
+            if method == "gptq" or _gram_pays(tokens, K, outputs, evals, 1 << 30):
+                acc = HessianAccumulator(K, w_ref.device)
+                acc.add_batch(x)
+                gram = acc.H
+        if method == "gptq":
+            qw = quantize_gptq(w_ref, gram, bits, group_size, symmetric,
+                               opts.gptq_act_order, opts.gptq_damp, opts.gptq_block_size,
+                               opts.scale_dtype, name=qname)
+        else:
+            w_in = clip_weight(w_ref, clips[name], group_size) if name in clips else w_ref
+            qw = quantize_rtn(w_in, bits, group_size, symmetric, opts.scale_dtype)
+        w_hat = qw.dequantize(torch.float32)
+        residual = residual_scales = None
+        err = err_full = float("nan")
+        rbytes = 0
+        candidates = [w_hat]
+        if residual_bits is not None:
+            q_r, residual_scales = residual_scale_search(w_ref.float() - w_hat, residual_bits,
+                                                         opts.residual_grid_points)
+            residual = pack_residual(q_r, residual_bits)
+            rbytes = residual.numel() * 4 + residual_scales.numel() * 4
+            candidates.append(w_hat + dequantize_residual(q_r, residual_scales))
+            del q_r
+        seconds = time.perf_counter() - t0
+        if inputs is not None:
+            errs = output_errors(inputs[key], w_ref, candidates, gram)
+            err = errs[0]
+            if residual_bits is not None:
+                err_full = errs[1]
+        del candidates, w_hat
+        quantized[name] = qw
+        result.linears[qname] = LinearResult(
+            qname, _cpu_weight(qw), None if residual is None else residual.cpu(),
+            None if residual_scales is None else residual_scales.cpu(),
+            residual_bits or 0, err, err_full, qw.nbytes(), rbytes, seconds,
+            clips.get(name))
+    del gram
+    if hidden is not None:
+        if opts.propagate == "fp":
+            hidden = fp_out
+        else:
+            hidden = _run_with_weights(layer, quantized, hidden, kwargs, batch_size)
+    del inputs, fp_out
+    return hidden
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -310,6 +453,9 @@ def quantize_model(
 ) -> QuantizationResult:
     """Quantize every decoder linear of a Llama-family model, layer by layer.
 
+    The model must already be in memory; :func:`qdec.quant.streaming.quantize_checkpoint_streaming`
+    does the same from a checkpoint on disk, holding one decoder layer at a time.
+
     Args:
         model: transformers ``LlamaForCausalLM``-like model (``model.model.layers[i]``
             with ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``).
@@ -336,20 +482,11 @@ def quantize_model(
     Returns:
         :class:`QuantizationResult`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_bits(bits)
-    check_group_size(group_size)
-    if residual_bits is not None:
-        check_bits(residual_bits, "residual_bits")
-    if propagate not in ("quantized", "fp"):
-        raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
-    if calib_ids is None and method != "rtn":
-        raise ValueError(f"method={method!r} needs calib_ids (int64 [n, seq])")
-    if calib_ids is not None and (calib_ids.dim() != 2 or calib_ids.dtype != torch.long
-                                  or calib_ids.numel() == 0):
-        raise ValueError(f"calib_ids must be a non-empty int64 [n, seq] tensor, got "
-                         f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
+    opts = LayerOptions(method, bits, group_size, symmetric, residual_bits, propagate,
+                        scale_dtype, residual_grid_points, batch_size, gptq_act_order,
+                        gptq_damp, gptq_block_size, awq_n_grid, awq_clip, awq_search_samples,
+                        awq_clip_tokens)
+    opts.validate(calib_ids)
     decoder = _decoder_layers(model)
     selected = set(range(len(decoder)) if layers is None else layers)
     bad = sorted(i for i in selected if not 0 <= i < len(decoder))
@@ -367,6 +504,7 @@ def quantize_model(
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(bar, desc=f"{method} {bits}-bit", unit="layer")
+    note = bar.set_postfix_str if progress else None
     for i in bar:
         layer = decoder[i]
         home = next(layer.parameters()).device
@@ -381,84 +519,8 @@ def quantize_model(
                 hidden = _run_layer(layer, hidden, kwargs, batch_size)
             layer.to(home)
             continue
-        inputs, fp_out = (None, None)
-        if hidden is not None:
-            inputs, fp_out = capture_linear_inputs(layer, hidden, kwargs, batch_size)
         prefix = f"model.layers.{i}"
-        clips: dict[str, Tensor] = {}
-        if method == "awq":
-            def note(msg: str, bar=bar) -> None:
-                if progress:
-                    bar.set_postfix_str(msg)
-            awq_result = awq_layer(layer, inputs, kwargs, bits, group_size, symmetric,
-                                   awq_n_grid, awq_clip, 0.5, awq_clip_tokens,
-                                   awq_search_samples, batch_size, note)
-            result.awq[prefix] = awq_result
-            clips = awq_result.clips
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                result.norm_weights[f"{prefix}.{norm}.weight"] = (
-                    layer.get_submodule(norm).weight.detach().cpu().clone())
-        # One [K, K] Gram/Hessian alive at a time: the linears sharing an input are
-        # consecutive in LINEAR_INPUTS.
-        gram_key, gram = None, None
-        evals = 1 if residual_bits is None else 2
-        quantized: dict[str, QuantizedWeight] = {}
-        for name, key in LINEAR_INPUTS.items():
-            lin: nn.Linear = layer.get_submodule(name)
-            if progress:
-                bar.set_postfix_str(name)
-            t0 = time.perf_counter()
-            w_ref = lin.weight.detach()
-            qname = f"{prefix}.{name}"
-            if inputs is not None and key != gram_key:
-                gram_key, gram = key, None
-                x = inputs[key]
-                tokens, K = x.numel() // x.shape[-1], x.shape[-1]
-                outputs = sum(layer.get_submodule(n).out_features
-                              for n, k in LINEAR_INPUTS.items() if k == key)
-                if method == "gptq" or _gram_pays(tokens, K, outputs, evals, 1 << 30):
-                    acc = HessianAccumulator(K, w_ref.device)
-                    acc.add_batch(x)
-                    gram = acc.H
-            if method == "gptq":
-                qw = quantize_gptq(w_ref, gram, bits, group_size, symmetric,
-                                   gptq_act_order, gptq_damp, gptq_block_size, scale_dtype,
-                                   name=qname)
-            else:
-                w_in = clip_weight(w_ref, clips[name], group_size) if name in clips else w_ref
-                qw = quantize_rtn(w_in, bits, group_size, symmetric, scale_dtype)
-            w_hat = qw.dequantize(torch.float32)
-            residual = residual_scales = None
-            err = err_full = float("nan")
-            rbytes = 0
-            candidates = [w_hat]
-            if residual_bits is not None:
-                q_r, residual_scales = residual_scale_search(w_ref.float() - w_hat, residual_bits,
-                                                             residual_grid_points)
-                residual = pack_residual(q_r, residual_bits)
-                rbytes = residual.numel() * 4 + residual_scales.numel() * 4
-                candidates.append(w_hat + dequantize_residual(q_r, residual_scales))
-                del q_r
-            seconds = time.perf_counter() - t0
-            if inputs is not None:
-                errs = output_errors(inputs[key], w_ref, candidates, gram)
-                err = errs[0]
-                if residual_bits is not None:
-                    err_full = errs[1]
-            del candidates
-            quantized[name] = qw
-            result.linears[qname] = LinearResult(
-                qname, _cpu_weight(qw), None if residual is None else residual.cpu(),
-                None if residual_scales is None else residual_scales.cpu(),
-                residual_bits or 0, err, err_full, qw.nbytes(), rbytes, seconds,
-                clips.get(name))
-        del gram
-        if hidden is not None:
-            if propagate == "fp":
-                hidden = fp_out
-            else:
-                hidden = _run_with_weights(layer, quantized, hidden, kwargs, batch_size)
-        del inputs, fp_out
+        hidden = quantize_decoder_layer(layer, prefix, hidden, kwargs, opts, result, note)
         layer.to(home)
         result.layer_seconds[prefix] = time.perf_counter() - layer_start
     result.seconds = time.perf_counter() - start
@@ -585,7 +647,8 @@ def measure_slice_memory(method: Literal["rtn", "awq", "gptq"] = "rtn", bits: in
 
 
 __all__ = [
-    "LINEAR_INPUTS", "LinearResult", "METHODS", "QuantizationResult", "capture_layer_inputs",
+    "LINEAR_INPUTS", "LayerOptions", "LinearResult", "METHODS", "QuantizationResult",
+    "capture_layer_inputs", "quantize_decoder_layer",
     "capture_linear_inputs", "current_rss_bytes", "llama3_8b_slice", "measure_slice_memory",
     "output_error", "output_errors", "peak_rss_bytes", "quantize_model", "reset_peak_rss", "wikitext_calibration",
 ]

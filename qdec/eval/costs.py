@@ -326,6 +326,8 @@ def plot_costs(variants: Iterable[dict], reference_ppl: float, path) -> None:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("WikiText-2 perplexity")
             ax.set_title(v["label"])
+            if max(p["ppl"] for p in pts) > 20 * reference_ppl:
+                ax.set_yscale("log")  # 2-bit: spans orders of magnitude
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -261,17 +261,20 @@ def compare_costs(model: nn.Module, reference: dict[str, Tensor], calib_ids: Ten
 # ------------------------------------------------------------------ reports
 def cost_table(entry: dict, reference_ppl: float) -> str:
     """A markdown table of one variant's comparison, sorted by method then cost."""
+    from .report import log_gap_closed
+
     base = next(p["ppl"] for p in entry["points"] if p["method"] == "none")
     weights = entry["packed_weight_bytes"]
     rows = ["| method | low-rank | rank | k | GPU extra MiB (% of weights) | fetched KiB/token "
-            "| ppl | gap closed |", "|---|---|---|---|---|---|---|---|"]
+            "| ppl | gap closed (ppl; NLL) |", "|---|---|---|---|---|---|---|---|"]
     for p in entry["points"]:
         gap = (base - p["ppl"]) / (base - reference_ppl) if base != reference_ppl else float("nan")
         rows.append(
             f"| {p['method']} | {p['lowrank_method'] or '-'} | {p['rank']} | "
             f"{p['fraction']:.0%} | {p['gpu_extra_bytes'] / 2**20:.2f} "
             f"({100 * p['gpu_extra_bytes'] / weights:.1f}%) | "
-            f"{p['fetched_bytes_per_token'] / 1024:.1f} | {p['ppl']:.2f} | {gap:.0%} |")
+            f"{p['fetched_bytes_per_token'] / 1024:.1f} | {p['ppl']:.2f} | "
+            f"{gap:.0%}; {log_gap_closed(reference_ppl, base, p['ppl']):.0%} |")
     return "\n".join(rows)
 
 

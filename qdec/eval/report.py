@@ -41,8 +41,8 @@ def log_gap_closed(ref: float, quant: float, compensated: float) -> float:
     """The gap closed in mean NLL (log perplexity). For a broken base model
     (2-bit RTN at perplexity 10^6) the perplexity gap is closed ~100 % by any
     improvement; the NLL gap still tells the methods apart."""
-    if quant == ref:
-        return float("nan")
+    if quant == ref or min(ref, quant, compensated) <= 0:
+        return float("nan")  # no gap, or not perplexities (e.g. an output error of 0)
     return (math.log(quant) - math.log(compensated)) / (math.log(quant) - math.log(ref))
 
 

@@ -33,14 +33,7 @@ a table. Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -49,6 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import qdec  # noqa: E402  (registers the ops)
+from qdec.benchmarking import (  # noqa: E402
+    packed_layer,
+    residual_store,
+    run_metadata,
+    time_op,
+    tinygemm_setup,
+    write_json_atomic,
+)
 
 # Llama-3-8B linear layers, (N, K): out_features x in_features.
 SHAPES = [
@@ -60,85 +61,6 @@ SHAPES = [
 QUICK_SHAPES = [(1024, 4096, "k_proj/v_proj")]
 GROUP = 128
 RESIDUAL_BITS = 4
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# ------------------------------------------------------------------ timing
-def time_op(fn, device: str, iters: int, warmup: int) -> float:
-    """Median seconds of one call of ``fn``."""
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for s, e in zip(starts, ends):
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-# ------------------------------------------------------------------ operands
-def random_words(rows: int, cols: int, device: str, gen: torch.Generator) -> torch.Tensor:
-    """Random int32 words: every bit pattern is a valid packed code block."""
-    w = torch.randint(-(2 ** 31), 2 ** 31, (rows, cols), dtype=torch.int64, generator=gen)
-    return w.to(torch.int32).to(device)
-
-
-def packed_layer(N: int, K: int, bits: int, dtype, device: str, gen):
-    words = -(-K // 32) * bits
-    groups = -(-K // GROUP)
-    qweight = random_words(N, words, device, gen)
-    scales = ((torch.rand(N, groups, generator=gen) + 0.5) * 0.02 / (1 << (bits - 1))).to(
-        device, dtype)
-    zeros = torch.randint(0, 1 << bits, (N, groups), generator=gen).to(device, dtype)
-    nbytes = qweight.numel() * 4 + 2 * scales.numel() * scales.element_size()
-    return (qweight, scales, zeros, bits, GROUP), nbytes
-
-
-def tinygemm_setup(N: int, K: int, device: str, gen):
-    """(callable taking bf16 x, weight bytes) for torch's int4 tinygemm, or
-    raises with the reason it cannot run here."""
-    if device != "cuda":
-        raise RuntimeError("tinygemm (aten._weight_int4pack_mm) is a CUDA kernel")
-    codes = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=gen).to(device)
-    try:  # torch >= 2.5: uint8 [N, K/2], two codes per byte
-        packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-        w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
-    except (RuntimeError, TypeError):  # older torch: int32 [N, K]
-        w = torch.ops.aten._convert_weight_to_int4pack(codes, 8)
-    sz = torch.ones(K // GROUP, N, 2, dtype=torch.bfloat16, device=device)
-    fn = lambda x: torch.ops.aten._weight_int4pack_mm(x, w, GROUP, sz)  # noqa: E731
-    fn(torch.randn(1, K, device=device, dtype=torch.bfloat16))  # fails here if unsupported
-    return fn, w.numel() * w.element_size() + sz.numel() * 2
 
 
 # ------------------------------------------------------------------ the run
@@ -172,17 +94,14 @@ def run(args) -> dict:
     for N, K, layer in shapes:
         shape = (N, K, layer)
         dense_w = (torch.randn(N, K, generator=gen) * 0.02).to(device, dtype)
-        layers = {b: packed_layer(N, K, b, dtype, device, gen) for b in bits_list}
+        layers = {b: packed_layer(N, K, b, GROUP, dtype, device, gen) for b in bits_list}
         rwords = -(-N // 32) * RESIDUAL_BITS
-        residual = random_words(K, rwords, "cpu", gen)
-        if device == "cuda":
-            residual = residual.pin_memory()
-        rscales = ((torch.rand(N, generator=gen) + 0.5) * 0.002).to(device)
+        residual, rscales = residual_store(N, K, RESIDUAL_BITS, device, gen)
         factors = {r: ((torch.randn(N, r, generator=gen) / r ** 0.5).to(device, dtype),
                        (torch.randn(r, K, generator=gen) / K ** 0.5).to(device, dtype))
                    for r in ranks}
         try:
-            tg_fn, tg_bytes = tinygemm_setup(N, K, device, gen)
+            tg_fn, tg_bytes = tinygemm_setup(N, K, GROUP, device, gen)
             tinygemm_status["available"] = True
         except Exception as e:  # noqa: BLE001  (record why, keep benchmarking)
             tg_fn = None
@@ -233,12 +152,7 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
 
     return {
-        "device": device_name(device),
-        "device_type": device,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "commit": git_commit(),
-        "threads": torch.get_num_threads() if device == "cpu" else None,
+        **run_metadata(device),
         "dtype": str(dtype),
         "quick": quick,
         "iters": iters,
@@ -251,19 +165,6 @@ def run(args) -> dict:
         "tinygemm": tinygemm_status,
         "results": results,
     }
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def print_table(data: dict) -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine (torch 2.11 + CUDA 13, Python 3.12, nvcc,
 # ninja, no internet): builds the extension with its CUDA kernels in place,
-# runs the whole Python test suite (CUDA tests included) and writes logs and
-# JSON under $OUT (default ./gpu_out).
+# runs the whole Python test suite (CUDA tests included), the benchmarks and the
+# tuner, and writes logs and JSON under $OUT (default ./gpu_out).
 #   OUT=/path bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,16 @@ QDEC_USE_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { 
 "$PY" benchmarks/bench_gemv.py --device cuda --batches 1,2,4,8,16 \
   --out "$OUT/bench_gemv_cuda.json" > "$OUT/bench_gemv.log" 2>&1 || status=1
 tail -40 "$OUT/bench_gemv.log"
+# Tuner (k per projection for 2.5/5/10 % slowdown), then one Llama-3-8B decoder
+# layer's linears: fp16, tinygemm int4, qdec W4/W3, W3 + 0.8 % compensation and
+# the tuned k, side by side. The config also belongs under configs/ (commit it).
+"$PY" -m qdec.cli tune --device cuda --no-progress --overwrite \
+  --out "$OUT/tune_llama3-8b_w3g128r4.json" > "$OUT/tune.log" 2>&1 || status=1
+tail -8 "$OUT/tune.log"
+"$PY" benchmarks/bench_decode_layer.py --device cuda \
+  $( [ -f "$OUT/tune_llama3-8b_w3g128r4.json" ] && echo --tune-config "$OUT/tune_llama3-8b_w3g128r4.json" ) \
+  --out "$OUT/bench_decode_layer_cuda.json" > "$OUT/bench_decode_layer.log" 2>&1 || status=1
+tail -15 "$OUT/bench_decode_layer.log"
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck "$PY" -m pytest tests/python/test_cuda_ops.py -q -x \
     > "$OUT/memcheck.log" 2>&1 || status=1

@@ -1,4 +1,5 @@
-"""The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``report``, ``generate``."""
+"""The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``report``, ``generate``,
+``tune``."""
 
 from __future__ import annotations
 
@@ -185,7 +186,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     if not torch.is_tensor(ids):
         ids = ids["input_ids"]
-    for k in ([0.0, args.k] if args.k else [0.0]):
+    settings: list = [0.0]
+    if args.tune_config:
+        from .tune import load_config
+
+        settings.append(load_config(args.tune_config, args.tune_target))
+    elif args.k:
+        settings.append(args.k)
+    for k in settings:
+        configure(model, k=0)
         configure(model, k=k)
         t0 = time.time()
         with torch.no_grad():
@@ -194,7 +203,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  temperature=args.temperature or None, top_k=args.top_k or None)
         new = out.shape[1] - ids.shape[1]
         dt = time.time() - t0
-        print(f"--- k = {k:.1%} of input channels: {new} tokens in {dt:.2f} s "
+        what = (", ".join(f"{n} {f:.2%}" for n, f in k.items()) if isinstance(k, dict)
+                else f"{k:.1%}")
+        print(f"--- k = {what} of input channels: {new} tokens in {dt:.2f} s "
               f"({new / dt:.1f} tokens/s)")
         print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
@@ -211,7 +222,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calib_len=args.calib_len, progress=not args.no_progress,
         ranks=[int(r) for r in args.ranks.split(",") if r],
         cost_fractions=_floats(args.cost_fractions),
-        lowrank_methods=[m for m in args.lowrank_methods.split(",") if m])
+        lowrank_methods=[m for m in args.lowrank_methods.split(",") if m],
+        tune_config=Path(args.tune_config) if args.tune_config else None,
+        tune_targets=[t for t in args.tune_targets.split(",") if t])
+    if cfg.tune_config is not None:  # fail now, not after the reference pass
+        from .tune import load_config
+
+        for target in cfg.tune_targets or [None]:
+            load_config(cfg.tune_config, target)
     out = Path(args.out)
     results = run_eval(cfg, out)
     if cfg.policies and cfg.fractions:
@@ -223,6 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for c in v["compensated"]:
             print(f"  {c['policy']:8s} k={c['fraction']:5.1%}: {c['ppl']:.3f} "
                   f"(gap closed {c['gap_closed']:+.1%})")
+        for t in v.get("tuned", []):
+            print(f"  tuned {t['target']:>6}: {t['ppl']:.3f} (gap closed {t['gap_closed']:+.1%}, "
+                  f"{t['fetched_bytes_per_token'] / 1024:.0f} KiB fetched/token)")
         if v.get("cost_comparison"):
             from .eval.costs import cost_table
 
@@ -241,6 +262,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     written = write_report([Path(p) for p in args.results], Path(args.out))
     for what, path in written.items():
         print(f"{what}: {path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure, choose k per target, write the config, print the choice."""
+    from .tune import _parse_target, default_config_path, measure, summary_table, tune, write_config
+
+    targets = [_parse_target(t) for t in args.targets.split(",") if t]
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    measurement = measure(args.device, args.bits, args.group_size, args.residual_bits,
+                          args.shapes, iters=args.iters or None, progress=not args.no_progress)
+    config = tune(measurement, targets)
+    path = write_config(config, out or default_config_path(config), overwrite=args.overwrite)
+    meta = config["meta"]
+    print(f"{meta['device']} | torch {meta['torch']} | commit {meta['commit']} | "
+          f"W{args.bits} g{args.group_size}, residual {args.residual_bits}-bit, {args.shapes}")
+    print(summary_table(config))
+    print(f"wrote {path}")
     return 0
 
 
@@ -278,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=float, default=0.02, help="fraction of input channels")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--tune-config", default=None,
+                   help="k per projection type from a qdec tune config (overrides --k)")
+    p.add_argument("--tune-target", default=None,
+                   help="slowdown target in the config, e.g. 2.5%% (default: the smallest)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity sweep: reference, quantized, QDEC x policies")
@@ -302,9 +347,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="static low-rank baselines of the comparison")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--tune-config", default=None,
+                   help="also evaluate k per projection type from this qdec tune config")
+    p.add_argument("--tune-targets", default="",
+                   help="targets of the config to evaluate, e.g. 2.5%%,5%% (default: all)")
     p.add_argument("--out", default="results/eval.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tune", help="measure the GEMV and compensation cost on this device and "
+                                    "choose k per projection for target slowdowns")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--targets", default="2.5%,5%,10%",
+                   help="allowed slowdowns of the decode step's linears (summed GEMVs)")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--residual-bits", type=int, default=4)
+    p.add_argument("--shapes", default="llama3-8b",
+                   help="projection shapes to time: llama3-8b or smollm2-135m")
+    p.add_argument("--iters", type=int, default=0, help="timed calls per point (0: default)")
+    p.add_argument("--out", default=None,
+                   help="config file (default configs/<device>_<shapes>_w<b>g<g>r<rb>.json)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="tables and plots from qdec eval JSON files, merged")
     p.add_argument("results", nargs="+", help="JSON files written by qdec eval")

@@ -16,13 +16,12 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ..benchmarking import git_commit, write_json_atomic
 from ..patch import configure, patch, static_channels_from_calibration
 
 DEFAULT_TEXT = "../shared/data/wikitext-2-raw/wiki.test.raw"
@@ -74,6 +73,10 @@ class EvalConfig:
     cost_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.02, 0.05])
     lowrank_methods: list[str] = dataclasses.field(
         default_factory=lambda: ["lorc", "lqer", "aser"])
+    # k per projection type from a ``qdec tune`` config, at each of these targets
+    # (None = no tuned runs; empty targets = every target in the file).
+    tune_config: Path | None = None
+    tune_targets: list[str] = dataclasses.field(default_factory=list)
 
 
 def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -89,14 +92,6 @@ def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def environment() -> dict:
     return {"torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
@@ -105,17 +100,7 @@ def environment() -> dict:
 
 def write_json(obj: dict, path: Path) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, obj)
 
 
 def gap_closed(ref: float, quant: float, compensated: float) -> float:
@@ -181,6 +166,9 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
                 r.update(policy=policy, fraction=frac,
                          gap_closed=gap_closed(ref_ppl, base["ppl"], r["ppl"]))
                 entry["compensated"].append(r)
+        if cfg.tune_config is not None:
+            entry["tuned"] = _tuned_runs(qmodel, cfg, lambda m, label: ppl(
+                m, f"{variant.label} {label}"), ref_ppl, base["ppl"])
         if cfg.ranks:
             from .costs import CostConfig, compare_costs
 
@@ -201,6 +189,28 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
     if out is not None:
         write_json(results, out)
     return results
+
+
+def _tuned_runs(qmodel, cfg: EvalConfig, score, ref_ppl: float, base_ppl: float) -> list[dict]:
+    """Perplexity with k per projection type read from ``cfg.tune_config``,
+    one run per target (dynamic selection)."""
+    from ..tune import load_config
+
+    targets = cfg.tune_targets or list(json.loads(Path(cfg.tune_config).read_text())["targets"])
+    runs = []
+    for target in targets:
+        fractions = load_config(cfg.tune_config, target)
+        configure(qmodel, k=0, policy="dynamic")
+        configure(qmodel, k=fractions)
+        for _, layer in _layers(qmodel):
+            layer.reset_rng(cfg.seed)
+        r = score(qmodel, f"tuned {target}")
+        r.update(target=target, fractions=fractions,
+                 fetched_bytes_per_token=sum(m.fetched_bytes_per_token for _, m in _layers(qmodel)),
+                 gap_closed=gap_closed(ref_ppl, base_ppl, r["ppl"]))
+        runs.append(r)
+    configure(qmodel, k=0)
+    return runs
 
 
 def _layers(model):

@@ -4,6 +4,10 @@ CPU kernel. The device-generic tests in test_ops.py also run on CUDA."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import make_layer
@@ -25,6 +29,48 @@ def test_pinned_host_residual_matches_cpu(dtype):
     # fp16/bf16 activations and scales versus an fp32 CPU run: the difference
     # is the rounding of the inputs, well inside 2 % of the output scale.
     torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-2 * want.abs().max())
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 200, 1024])  # 1 to 32 splits of the k rows
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compensation_splits_match_cpu_float32(k, batch):
+    # float32 end to end: CPU and CUDA differ only in summation order (GEMV
+    # lanes, split partial sums), ~1e-6 relative; 1e-4 of the output scale.
+    layer = make_layer(300, 1024, 3, 128)
+    x = torch.randn(batch, 1024)
+    want = qdec.compensated_linear(x, *layer.to("cpu", torch.float32).weight_args(),
+                                   *layer.residual_args(), k)
+    gpu = layer.to("cuda", torch.float32)
+    args = (x.cuda(), *gpu.weight_args(), layer.residual.pin_memory(),
+            layer.residual_scales.cuda(), 4, k)
+    got = qdec.compensated_linear(*args)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max())
+    assert torch.equal(qdec.compensated_linear(*args), got)  # no atomics: same bits
+
+
+def test_compensation_overlap_off_gives_the_same_bits(tmp_path):
+    # QDEC_COMPENSATION_OVERLAP=0 runs the side-stream work on the current
+    # stream; the kernels are the same, so the output must be bit-identical.
+    layer = make_layer(300, 1024, 3, 128)
+    x = torch.randn(2, 1024, dtype=torch.float16)
+    gpu = layer.to("cuda", torch.float16)
+    got = qdec.compensated_linear(x.cuda(), *gpu.weight_args(), layer.residual.pin_memory(),
+                                  layer.residual_scales.cuda(), 4, 24).cpu()
+    qweight, scales, zeros, bits, group = gpu.weight_args()
+    torch.save({"x": x, "qweight": qweight.cpu(), "scales": scales.cpu(), "zeros": zeros.cpu(),
+                "residual": layer.residual, "rscales": layer.residual_scales,
+                "bits": bits, "group": group}, tmp_path / "in.pt")
+    script = (
+        "import sys, torch, qdec\n"
+        "d = torch.load(sys.argv[1])\n"
+        "y = qdec.compensated_linear(d['x'].cuda(), d['qweight'].cuda(), d['scales'].cuda(),\n"
+        "    d['zeros'].cuda(), d['bits'], d['group'], d['residual'].pin_memory(),\n"
+        "    d['rscales'].cuda(), 4, 24)\n"
+        "torch.save(y.cpu(), sys.argv[2])\n")
+    env = {**os.environ, "QDEC_COMPENSATION_OVERLAP": "0"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, env=env)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), got)
 
 
 def test_pageable_host_residual_is_refused():

@@ -45,11 +45,22 @@ cudaError_t launch_gemv(const PackedWeightView& w, const void* x, DType x_dtype,
 cudaError_t launch_residual_gather(const ResidualView& r, const int64_t* channels, int64_t rows,
                                    float* out, cudaStream_t stream);
 
-// acc[b, :] += sum_i x[b, channels[b, i]] * R[:, channels[b, i]] for b < B.
-// Out-of-range channels are skipped.
-cudaError_t launch_residual_axpy(const ResidualView& r, const int64_t* channels, int64_t k,
-                                 const void* x, DType x_dtype, int64_t B, int64_t K, float* acc,
-                                 cudaStream_t stream);
+// Dynamic compensation in two launches, deterministic (no atomics):
+//  1. partial[z, b, :] = sum over i = z, z + splits, ... < k of
+//     x[b, channels[b, i]] * R[:, channels[b, i]]   (out-of-range channels skipped);
+//     splitting k over `splits` CTAs keeps many independent zero-copy reads in
+//     flight instead of one thread walking all k rows of the store serially.
+//  2. out[b, n] = acc[b, n] + sum_z partial[z, b, n], cast to out_dtype, summed
+//     in z order (the GEMV's epilogue; same bits on every run and in a graph).
+// partial is float32 [splits, B, N]; every element is written by step 1.
+int64_t residual_axpy_splits(int64_t k);
+cudaError_t launch_residual_axpy_partial(const ResidualView& r, const int64_t* channels,
+                                         int64_t k, const void* x, DType x_dtype, int64_t B,
+                                         int64_t K, int64_t splits, float* partial,
+                                         cudaStream_t stream);
+cudaError_t launch_compensation_combine(const float* acc, const float* partial, int64_t splits,
+                                        int64_t B, int64_t N, void* out, DType out_dtype,
+                                        cudaStream_t stream);
 
 // A static low-rank term y = L_A (L_B x): L_A [N, r], L_B [r, K], row-major,
 // in device memory, with x and y in the same dtype.

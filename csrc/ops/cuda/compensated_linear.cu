@@ -1,19 +1,52 @@
 // CUDA glue of qdec::compensated_linear (schema: csrc/ops/registration.cpp).
 //
-// First implementation, sequential on the current stream: base GEMV into a
-// float32 accumulator, exact top-k selection, then one axpy kernel that reads
-// the k selected residual rows (zero-copy when the store is pinned host
-// memory) and adds them into the accumulator; one cast at the end. No host
-// synchronisation or host-side allocation outside the caching allocator, so
-// the whole op can be captured in a CUDA graph. Overlapping the compensation
-// with the GEMV (side stream or fused kernel) is the next step and needs GPU
-// measurements.
+// The compensation runs beside the base GEMV, not after it: the GEMV goes on
+// the current stream while a side stream from the pool selects the k channels
+// and accumulates their residual rows (zero-copy from pinned host memory)
+// into per-split partial sums; the current stream then waits for the side
+// stream and one combine kernel adds GEMV + partials and casts. Selection and
+// PCIe reads thus hide behind the memory-bound GEMV. Fork and join are CUDA
+// events, so the op can be captured in a CUDA graph (the side stream joins the
+// capture). Every buffer is allocated on the current stream before the fork,
+// and the join precedes the op's return, so the caching allocator needs no
+// record_stream. QDEC_COMPENSATION_OVERLAP=0 (read once) runs everything on
+// the current stream, for profiling the two parts apart.
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <unordered_map>
 
 #include "ops/cuda/common.cuh"
 
 namespace qdec::cuda {
 namespace {
+
+bool overlap_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("QDEC_COMPENSATION_OVERLAP");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+// The fork and join events of the current thread on `device` (the current
+// device), created once: re-recording an event is safe because a wait binds
+// to the record that precedes it, and this avoids an event creation per call.
+// (Raw CUDA events, not ATen's CUDAEvent, whose header needs the cuSPARSE
+// headers that a minimal toolkit lacks.)
+std::array<cudaEvent_t, 2> fork_join_events(c10::DeviceIndex device) {
+  thread_local std::unordered_map<c10::DeviceIndex, std::array<cudaEvent_t, 2>> events;
+  auto it = events.find(device);
+  if (it == events.end()) {
+    std::array<cudaEvent_t, 2> e{};
+    for (auto& ev : e) C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    it = events.emplace(device, e).first;
+  }
+  return it->second;
+}
 
 at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweight,
                                    const at::Tensor& scales,
@@ -28,26 +61,49 @@ at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const c10::cuda::CUDAGuard guard(x.device());
   const auto x2d = x.reshape({-1, K}).contiguous();
   const int64_t B = x2d.size(0);
-  at::Tensor idx;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = geom.N;
   if (channels) {
     check_on_cuda(*channels, x, "channels");
     check_channels(*channels, B, k, K, /*check_values=*/false);
-    idx = channels->reshape({B, k}).contiguous();
-  } else {
-    idx = outlier_select_cuda_impl(x2d, k);
   }
-  auto acc = quantized_matmul_fp32_cuda(x2d, qweight, scales, zeros, bits, geom);
-  if (k > 0 && B > 0) {
-    const auto view = residual_view(residual.contiguous(), residual_scales.contiguous(), rgeom,
-                                    residual_bits, x);
-    check_launch(launch_residual_axpy(view, idx.data_ptr<int64_t>(), k, x2d.data_ptr(),
-                                      dtype_of(x2d), B, K, acc.data_ptr<float>(),
-                                      c10::cuda::getCurrentCUDAStream()),
+  if (k == 0 || B == 0) {  // exactly quantized_matmul
+    return quantized_matmul_fp32_cuda(x2d, qweight, scales, zeros, bits, geom)
+        .to(x.scalar_type())
+        .reshape(out_shape);
+  }
+  const auto view = residual_view(residual.contiguous(), residual_scales.contiguous(), rgeom,
+                                  residual_bits, x);
+  const int64_t splits = residual_axpy_splits(k);
+  auto partial = at::empty({splits, B, geom.N}, x2d.options().dtype(at::kFloat));
+  auto out = at::empty({B, geom.N}, x2d.options());
+  const auto main = c10::cuda::getCurrentCUDAStream();
+  const bool overlap = overlap_enabled();
+  const auto side = overlap ? c10::cuda::getStreamFromPool(/*isHighPriority=*/true, x.device().index())
+                            : main;
+  const auto [fork, join] = fork_join_events(x.device().index());
+  if (overlap) {
+    C10_CUDA_CHECK(cudaEventRecord(fork, main.stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), fork, 0));
+  }
+  at::Tensor idx;
+  {
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    // Selected on the side stream too; with `channels` given, nothing to select.
+    idx = channels ? channels->reshape({B, k}).contiguous() : outlier_select_cuda_impl(x2d, k);
+    check_launch(launch_residual_axpy_partial(view, idx.data_ptr<int64_t>(), k, x2d.data_ptr(),
+                                              dtype_of(x2d), B, K, splits,
+                                              partial.data_ptr<float>(), side.stream()),
                  "residual axpy");
   }
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = geom.N;
-  return acc.to(x.scalar_type()).reshape(out_shape);
+  if (overlap) C10_CUDA_CHECK(cudaEventRecord(join, side.stream()));
+  const auto acc = quantized_matmul_fp32_cuda(x2d, qweight, scales, zeros, bits, geom);
+  if (overlap) C10_CUDA_CHECK(cudaStreamWaitEvent(main.stream(), join, 0));
+  check_launch(launch_compensation_combine(acc.data_ptr<float>(), partial.data_ptr<float>(),
+                                           splits, B, geom.N, out.data_ptr(), dtype_of(out),
+                                           main.stream()),
+               "compensation combine");
+  return out.reshape(out_shape);
 }
 
 }  // namespace

@@ -1,13 +1,15 @@
 // Torch-free CUDA kernels for the residual store: gather of dequantized rows,
-// and the compensation axpy acc[b] += x[b, j] * R[:, j] over selected j.
+// and the compensation axpy sum_j x[b, j] * R[:, j] over selected j, as
+// partial sums over splits of the k channels plus a combine epilogue.
 //
 // Why this shape: a selected channel's residual is one contiguous row of
 // ceil(N/32)*BITS words, so each thread owns one 32-output block and adjacent
 // threads read adjacent BITS-word chunks of the row: the warp's reads from
 // (possibly host-mapped) memory are contiguous, which is what zero-copy PCIe
 // reads need to approach the link's bandwidth. In the axpy a thread owns its
-// 32 outputs of row b, so there are no atomics: it walks the k selected rows
-// and accumulates in float32 registers.
+// 32 outputs of row b for one split of the k selected rows and accumulates in
+// float32 registers; splits write separate partial sums, which the combine
+// adds in a fixed order, so there are no atomics and results are reproducible.
 #include <algorithm>
 
 #include "ops/cuda/kernels/convert.cuh"
@@ -44,35 +46,58 @@ __global__ void residual_gather_kernel(ResidualView r, const int64_t* channels, 
 }
 
 template <int BITS, typename TX>
-__global__ void residual_axpy_kernel(ResidualView r, const int64_t* channels, int64_t k,
-                                     const TX* x, int64_t B, int64_t K, float* acc) {
+__global__ void residual_axpy_partial_kernel(ResidualView r, const int64_t* channels, int64_t k,
+                                             const TX* x, int64_t B, int64_t K,
+                                             float* partial) {
   const int64_t blocks = (r.N + kBlock - 1) / kBlock;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= blocks) return;
   const int64_t n0 = c * kBlock;
   const int len = static_cast<int>(min(static_cast<int64_t>(kBlock), r.N - n0));
   const float offset = static_cast<float>(1 << (BITS - 1));
+  const int64_t split = blockIdx.z, splits = gridDim.z;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-  float sum[kBlock];
+    float sum[kBlock];
 #pragma unroll
-  for (int i = 0; i < kBlock; ++i) sum[i] = 0.f;
-  for (int64_t s = 0; s < k; ++s) {
-    const int64_t j = channels[b * k + s];
-    if (j < 0 || j >= K) continue;
-    const float xv = load_as_float(x, b * K + j);
-    uint32_t words[BITS];
+    for (int i = 0; i < kBlock; ++i) sum[i] = 0.f;
+    for (int64_t s = split; s < k; s += splits) {
+      const int64_t j = channels[b * k + s];
+      if (j < 0 || j >= K) continue;
+      const float xv = load_as_float(x, b * K + j);
+      uint32_t words[BITS];
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) words[i] = r.residual[j * r.words_per_row + c * BITS + i];
+      for (int i = 0; i < BITS; ++i) words[i] = r.residual[j * r.words_per_row + c * BITS + i];
+#pragma unroll
+      for (int i = 0; i < kBlock; ++i)
+        sum[i] += xv * (static_cast<float>(unpack_one<BITS>(words, i)) - offset);
+    }
+    // The per-output scale factors out of the sum over channels.
+    float* dst = partial + (split * B + b) * r.N + n0;
 #pragma unroll
     for (int i = 0; i < kBlock; ++i)
-      sum[i] += xv * (static_cast<float>(unpack_one<BITS>(words, i)) - offset);
+      if (i < len) dst[i] = sum[i] * r.scales[n0 + i];
   }
-  // The per-output scale factors out of the sum over channels.
-  float* dst = acc + b * r.N + n0;
-#pragma unroll
-  for (int i = 0; i < kBlock; ++i)
-    if (i < len) dst[i] += sum[i] * r.scales[n0 + i];
-  }
+}
+
+template <typename TO>
+__device__ __forceinline__ TO from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename TO>
+__global__ void compensation_combine_kernel(const float* acc, const float* partial,
+                                            int64_t splits, int64_t total, TO* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  float v = acc[i];
+  for (int64_t z = 0; z < splits; ++z) v += partial[z * total + i];
+  out[i] = from_float<TO>(v);
 }
 
 }  // namespace
@@ -90,20 +115,43 @@ cudaError_t launch_residual_gather(const ResidualView& r, const int64_t* channel
   return cudaGetLastError();
 }
 
-cudaError_t launch_residual_axpy(const ResidualView& r, const int64_t* channels, int64_t k,
-                                 const void* x, DType x_dtype, int64_t B, int64_t K, float* acc,
-                                 cudaStream_t stream) {
+int64_t residual_axpy_splits(int64_t k) {
+  // ~4 selected rows per thread: enough independent loads per CTA to cover
+  // PCIe latency, few enough partial sums for the combine to stay trivial.
+  return std::clamp<int64_t>((k + 3) / 4, 1, 32);
+}
+
+cudaError_t launch_residual_axpy_partial(const ResidualView& r, const int64_t* channels,
+                                         int64_t k, const void* x, DType x_dtype, int64_t B,
+                                         int64_t K, int64_t splits, float* partial,
+                                         cudaStream_t stream) {
   const int64_t blocks = (r.N + kBlock - 1) / kBlock;
-  if (k == 0 || B == 0 || blocks == 0) return cudaSuccess;
+  if (B == 0 || blocks == 0) return cudaSuccess;
   const int tpb = 128;
   const dim3 grid(static_cast<unsigned>((blocks + tpb - 1) / tpb),
-                  static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+                  static_cast<unsigned>(std::min<int64_t>(B, 65535)),
+                  static_cast<unsigned>(std::max<int64_t>(splits, 1)));
   dispatch_dtype(x_dtype, [&](auto tx) {
     using TX = decltype(tx);
     dispatch_bits(r.bits, [&]<int BITS>() {
-      residual_axpy_kernel<BITS, TX><<<grid, tpb, 0, stream>>>(
-          r, channels, k, static_cast<const TX*>(x), B, K, acc);
+      residual_axpy_partial_kernel<BITS, TX><<<grid, tpb, 0, stream>>>(
+          r, channels, k, static_cast<const TX*>(x), B, K, partial);
     });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_compensation_combine(const float* acc, const float* partial, int64_t splits,
+                                        int64_t B, int64_t N, void* out, DType out_dtype,
+                                        cudaStream_t stream) {
+  const int64_t total = B * N;
+  if (total == 0) return cudaSuccess;
+  const int tpb = 256;
+  const auto grid = static_cast<unsigned>((total + tpb - 1) / tpb);
+  dispatch_dtype(out_dtype, [&](auto to) {
+    using TO = decltype(to);
+    compensation_combine_kernel<TO><<<grid, tpb, 0, stream>>>(acc, partial, splits, total,
+                                                              static_cast<TO*>(out));
   });
   return cudaGetLastError();
 }

@@ -56,7 +56,9 @@ def outlier_select_ref(x: torch.Tensor, k: int) -> torch.Tensor:
     descending ``|x|``; ties go to the smaller index; NaN ranks as +inf."""
     if not 0 <= k <= x.shape[-1]:
         raise ValueError(f"k must be in [0, {x.shape[-1]}], got {k}")
-    mag = x.float().abs().nan_to_num(nan=float("inf"))
+    # posinf too: nan_to_num would otherwise turn +inf into the largest finite
+    # float and rank it below NaN.
+    mag = x.float().abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
     # A stable descending sort keeps equal magnitudes in ascending index order.
     order = torch.sort(mag, dim=-1, descending=True, stable=True).indices
     return order[..., :k].contiguous()

@@ -105,6 +105,27 @@ def test_outlier_select_tie_breaking_and_nan(device):
     assert qdec.outlier_select(x, 5).cpu().tolist() == [[5, 1, 2, 4, 6]]
     z = torch.zeros(1, 6, device=device)
     assert qdec.outlier_select(z, 3).cpu().tolist() == [[0, 1, 2]]
+    # +inf and NaN tie (both rank as +inf): the smaller index first.
+    inf = float("inf")
+    y = torch.tensor([[-inf, 1.0, float("nan"), inf, 5.0]], device=device)
+    assert qdec.outlier_select(y, 4).cpu().tolist() == [[0, 2, 3, 4]]
+    assert ref.outlier_select_ref(y.cpu(), 4).tolist() == [[0, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("K,k", [(14336, 1), (14336, 115), (4096, 2048), (5000, 2049),
+                                 (3000, 3000), (33, 33)])
+def test_outlier_select_ties_and_large_k(device, K, k):
+    # Values on a coarse grid (many equal |x|) with +-inf and NaN sprinkled in:
+    # the order must still be exactly the reference's. On CUDA, k <= 2048 is
+    # the radix-select kernel and larger k the sort fallback.
+    g = torch.Generator().manual_seed(K + k)
+    x = torch.round(torch.randn(2, K, generator=g) * 2) / 2
+    x[0, 7 % K] = float("nan")
+    x[1, 3 % K] = float("inf")
+    x[1, 11 % K] = -float("inf")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xd = x.to(device, dtype)
+        assert torch.equal(qdec.outlier_select(xd, k).cpu(), ref.outlier_select_ref(xd.cpu(), k))
 
 
 def test_outlier_select_batched_rows_are_independent(device):

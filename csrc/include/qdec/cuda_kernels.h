@@ -45,6 +45,14 @@ cudaError_t launch_gemv(const PackedWeightView& w, const void* x, DType x_dtype,
 cudaError_t launch_residual_gather(const ResidualView& r, const int64_t* channels, int64_t rows,
                                    float* out, cudaStream_t stream);
 
+// out[b, :k] = indices of the k largest |x[b, :]|, descending, ties to the
+// smaller index, NaN as +inf (qdec.reference.outlier_select_ref), one launch
+// for k <= kMaxSelectK (the winners are sorted in shared memory); larger k
+// returns cudaErrorInvalidValue and the caller sorts instead.
+constexpr int64_t kMaxSelectK = 2048;
+cudaError_t launch_outlier_select(const void* x, DType x_dtype, int64_t B, int64_t K, int64_t k,
+                                  int64_t* out, cudaStream_t stream);
+
 // Dynamic compensation in two launches, deterministic (no atomics):
 //  1. partial[z, b, :] = sum over i = z, z + splits, ... < k of
 //     x[b, channels[b, i]] * R[:, channels[b, i]]   (out-of-range channels skipped);

@@ -1,11 +1,9 @@
 // CUDA glue of qdec::outlier_select (schema: csrc/ops/registration.cpp).
 //
-// First implementation: exact and deterministic by construction, built from
-// ATen's segmented sort: rank |x| (NaN -> +inf) with a *stable* descending
-// sort, so equal magnitudes stay in ascending index order, then keep the
-// first k. It needs no host synchronisation, so it can be captured in a CUDA
-// graph. A single-kernel radix select (the issue's < 3 us target at
-// K = 14336) replaces it once it can be measured on a GPU.
+// k <= kMaxSelectK (every decode setting): the single-kernel radix select of
+// kernels/select.cu. Larger k (whole-row orderings, not a decode path): ATen's
+// stable descending sort of |x| (NaN -> +inf), which has the same semantics.
+// Neither synchronises with the host, so both can be captured in a CUDA graph.
 #include <torch/library.h>
 
 #include <limits>
@@ -15,7 +13,18 @@
 namespace qdec::cuda {
 
 at::Tensor outlier_select_cuda_impl(const at::Tensor& x2d, int64_t k) {
-  const auto key = at::nan_to_num(x2d.to(at::kFloat).abs(), std::numeric_limits<double>::infinity());
+  const int64_t B = x2d.size(0), K = x2d.size(1);
+  if (k <= kMaxSelectK && K <= std::numeric_limits<uint32_t>::max()) {
+    auto out = at::empty({B, k}, x2d.options().dtype(at::kLong));
+    check_launch(launch_outlier_select(x2d.data_ptr(), dtype_of(x2d), B, K, k,
+                                       out.data_ptr<int64_t>(),
+                                       c10::cuda::getCurrentCUDAStream()),
+                 "outlier_select");
+    return out;
+  }
+  // posinf too: nan_to_num would otherwise make +inf the largest finite float.
+  const double inf = std::numeric_limits<double>::infinity();
+  const auto key = at::nan_to_num(x2d.to(at::kFloat).abs(), inf, inf);
   const auto order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/-1, /*descending=*/true));
   return order.narrow(-1, 0, k).contiguous();
 }

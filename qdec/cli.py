@@ -267,15 +267,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Measure, choose k per target, write the config, print the choice."""
-    from .tune import _parse_target, default_config_path, measure, summary_table, tune, write_config
+    from .tune import (_parse_target, default_config_path, measure, parse_weights,
+                       summary_table, tune, write_config)
 
     targets = [_parse_target(t) for t in args.targets.split(",") if t]
+    weights = parse_weights(args.weights)
+    if unknown := set(weights) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                  "up_proj", "down_proj"}:
+        raise ValueError(f"--weights names unknown projections {sorted(unknown)}")
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     measurement = measure(args.device, args.bits, args.group_size, args.residual_bits,
                           args.shapes, iters=args.iters or None, progress=not args.no_progress)
-    config = tune(measurement, targets)
+    config = tune(measurement, targets, weights)
     path = write_config(config, out or default_config_path(config), overwrite=args.overwrite)
     meta = config["meta"]
     print(f"{meta['device']} | torch {meta['torch']} | commit {meta['commit']} | "
@@ -366,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="llama3-8b",
                    help="projection shapes to time: llama3-8b or smollm2-135m")
     p.add_argument("--iters", type=int, default=0, help="timed calls per point (0: default)")
+    p.add_argument("--weights", default="",
+                   help="value of a channel per projection, e.g. down_proj=2,k_proj=2,v_proj=0 "
+                        "(default 1 each; 0 = never compensate)")
     p.add_argument("--out", default=None,
                    help="config file (default configs/<device>_<shapes>_w<b>g<g>r<rb>.json)")
     p.add_argument("--overwrite", action="store_true")

@@ -142,7 +142,9 @@ def choose_k(projections: Mapping[str, Mapping], target: float,
         projections: ``measure(...)["projections"]``.
         target: allowed slowdown of the summed GEMVs, e.g. 0.025 for 2.5 %.
         weights: optional value of a channel share per projection (default 1
-            each; e.g. favour ``down_proj``, which gains most per channel).
+            each; 0 = never compensate it). notebooks/04_layer_gain.ipynb found
+            ``down_proj`` and ``k_proj`` gain most per channel and ``v_proj``
+            nothing on SmolLM2, e.g. ``{"down_proj": 2, "k_proj": 2, "v_proj": 0}``.
 
     Returns:
         ``{"target", "k": {name: k}, "fraction": {name: k / K}, "budget_us",
@@ -166,6 +168,8 @@ def choose_k(projections: Mapping[str, Mapping], target: float,
             if spent + cost > budget:
                 continue
             gain = (weights or {}).get(name, 1.0) * (k1 - k0) / projections[name]["K"]
+            if gain <= 0:  # weight 0: never compensate this projection
+                continue
             key = (math.inf if cost <= 0 else gain / cost, projections[name]["K"])
             if best_key is None or key > best_key:
                 best, best_key = name, key
@@ -243,6 +247,21 @@ def load_config(path: str | Path, target: float | str | None = None) -> dict[str
         raise ValueError(f"{path}: target {key} has no valid 'fraction' mapping "
                          f"(projection -> share of input channels in [0, 1])")
     return {name: float(v) for name, v in fractions.items()}
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"down_proj=2,v_proj=0"`` -> ``{"down_proj": 2.0, "v_proj": 0.0}``."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip() or weights.get(name.strip(), 0) < 0:
+            raise ValueError(f"weights must look like proj=value,... with value >= 0, "
+                             f"got {item!r}")
+    return weights
 
 
 def _target_key(target: float) -> str:

@@ -72,6 +72,12 @@ def test_choose_k_free_steps_weights_and_ties():
     assert tune.choose_k(same, 0.05)["k"] == {"small": 0, "large": 32}  # tie: larger K
     weighted = tune.choose_k(same, 0.05, weights={"small": 2.0})
     assert weighted["k"] == {"small": 8, "large": 0}
+    never = tune.choose_k(free, 1.0, weights={"a": 0.0})  # weight 0: never, even if free
+    assert never["k"]["a"] == 0 and never["k"]["b"] == 8
+    assert tune.parse_weights("down_proj=2, v_proj=0") == {"down_proj": 2.0, "v_proj": 0.0}
+    for bad in ("down_proj", "down_proj=x", "=2", "v_proj=-1"):
+        with pytest.raises(ValueError, match="proj=value"):
+            tune.parse_weights(bad)
     with pytest.raises(ValueError, match="target"):
         tune.choose_k(same, -0.1)
     with pytest.raises(ValueError, match="target"):
@@ -149,6 +155,15 @@ def test_measure_on_cpu_and_cli(tmp_path, capsys):
         assert choice["overhead_us"] <= choice["budget_us"] + 1e-9
     assert main(["tune", "--device", "cpu", "--out", str(out)]) == 2  # exists: refused
     assert "--overwrite" in capsys.readouterr().err
+    assert main(["tune", "--device", "cpu", "--weights", "mlp=2", "--out",
+                 str(tmp_path / "w.json")]) == 2
+    assert "unknown projections ['mlp']" in capsys.readouterr().err
+    assert main(["tune", "--device", "cpu", "--shapes", "smollm2-135m", "--iters", "1",
+                 "--weights", "v_proj=0", "--out", str(tmp_path / "w.json"),
+                 "--no-progress"]) == 0
+    weighted = json.loads((tmp_path / "w.json").read_text())
+    assert weighted["weights"] == {"v_proj": 0.0}
+    assert all(c["k"]["v_proj"] == 0 for c in weighted["targets"].values())
 
 
 def test_eval_reads_tune_config(tiny, tmp_path):  # noqa: F811

@@ -44,8 +44,8 @@ from qdec.benchmarking import (  # noqa: E402
     run_metadata,
     time_op,
     tinygemm_setup,
-    write_json_atomic,
 )
+from qdec.eval.sweep import write_json  # noqa: E402
 
 GROUP = 128
 RESIDUAL_BITS = 4
@@ -100,12 +100,9 @@ def run(args) -> dict:
     warmup = 20 if device == "cuda" else 1
     tune_fractions = {}
     if args.tune_config:
-        import json
+        from qdec.tune import load_targets
 
-        from qdec.tune import load_config
-
-        for t in json.loads(Path(args.tune_config).read_text())["targets"]:
-            tune_fractions[t] = load_config(args.tune_config, t)
+        tune_fractions = load_targets(args.tune_config)
     configs, tinygemm_reason, _keep = build(shapes, device, dtype, tune_fractions)
     layer_us, per_projection = {}, {}
     for cfg, calls in configs.items():
@@ -157,7 +154,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         data = run(args)
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_decode_layer_{args.device}.json"
-    write_json_atomic(out, data)
+    write_json(data, out)
     print(f"{data['device']} | torch {data['torch']} | commit {data['commit']}")
     for name, r in data["ratios"].items():
         print(f"  {name:<24} {r:.3f}")

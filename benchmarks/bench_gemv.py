@@ -48,8 +48,8 @@ from qdec.benchmarking import (  # noqa: E402
     run_metadata,
     time_op,
     tinygemm_setup,
-    write_json_atomic,
 )
+from qdec.eval.sweep import write_json  # noqa: E402
 
 # Llama-3-8B linear layers, (N, K): out_features x in_features.
 SHAPES = [
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         data = run(args)
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_gemv_{args.device}.json"
-    write_json_atomic(out, data)
+    write_json(data, out)
     print_table(data)
     print(f"\nwrote {out}")
     return 0

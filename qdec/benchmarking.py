@@ -8,12 +8,9 @@ on the shapes, bit widths and k.
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -73,23 +70,6 @@ def run_metadata(device: str) -> dict:
     return {"device": device_name(device), "device_type": device, "torch": torch.__version__,
             "cuda": torch.version.cuda, "commit": git_commit(),
             "threads": torch.get_num_threads() if device == "cpu" else None}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def time_op(fn: Callable[[], object], device: str, iters: int, warmup: int) -> float:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -226,10 +225,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tune_config=Path(args.tune_config) if args.tune_config else None,
         tune_targets=[t for t in args.tune_targets.split(",") if t])
     if cfg.tune_config is not None:  # fail now, not after the reference pass
-        from .tune import load_config
+        from .tune import load_targets
 
-        for target in cfg.tune_targets or [None]:
-            load_config(cfg.tune_config, target)
+        load_targets(cfg.tune_config, cfg.tune_targets)
     out = Path(args.out)
     results = run_eval(cfg, out)
     if cfg.policies and cfg.fractions:

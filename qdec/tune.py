@@ -38,8 +38,8 @@ from .benchmarking import (
     residual_store,
     run_metadata,
     time_op,
-    write_json_atomic,
 )
+from .formats.safetensors_io import write_json_atomic
 
 CONFIG_FORMAT = "qdec-tune/1"
 DEFAULT_TARGETS = (0.025, 0.05, 0.10)
@@ -208,9 +208,8 @@ def default_config_path(config: Mapping) -> Path:
 def write_config(config: Mapping, path: str | Path, overwrite: bool = False) -> Path:
     """Write a tune config atomically; refuse to replace one unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    write_json_atomic(path, dict(config))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(dict(config), path, overwrite=overwrite)
     return path
 
 
@@ -224,6 +223,26 @@ def load_config(path: str | Path, target: float | str | None = None) -> dict[str
         FileNotFoundError / ValueError naming the file and what is wrong.
     """
     path = Path(path)
+    targets = _read_targets(path)
+    key = min(targets, key=_parse_target) if target is None else _target_key(
+        _parse_target(target))
+    return _fractions(path, targets, key)
+
+
+def load_targets(path: str | Path, targets: Sequence[float | str] | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """:func:`load_config` for each of ``targets`` (default: every target in
+    the file, smallest first), reading the file once; keys as in the file
+    (``"2.5%"``)."""
+    path = Path(path)
+    stored = _read_targets(path)
+    keys = (sorted(stored, key=_parse_target) if not targets
+            else [_target_key(_parse_target(t)) for t in targets])
+    return {key: _fractions(path, stored, key) for key in keys}
+
+
+def _read_targets(path: Path) -> dict:
+    """The ``targets`` object of a tune config, with the file's format checked."""
     if not path.is_file():
         raise FileNotFoundError(f"tune config {path} does not exist (write one with qdec tune)")
     try:
@@ -237,8 +256,11 @@ def load_config(path: str | Path, target: float | str | None = None) -> dict[str
     targets = config.get("targets") or {}
     if not targets:
         raise ValueError(f"{path}: has no targets")
-    key = min(targets, key=_parse_target) if target is None else _target_key(
-        _parse_target(target))
+    return targets
+
+
+def _fractions(path: Path, targets: dict, key: str) -> dict[str, float]:
+    """The validated ``fraction`` mapping of target ``key``."""
     if key not in targets:
         raise ValueError(f"{path}: no target {key}; the file has {sorted(targets, key=_parse_target)}")
     fractions = targets[key].get("fraction")

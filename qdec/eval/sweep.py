@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..benchmarking import git_commit, write_json_atomic
+from ..benchmarking import git_commit
+from ..formats.safetensors_io import write_json_atomic
 from ..patch import configure, patch, static_channels_from_calibration
 
 DEFAULT_TEXT = "../shared/data/wikitext-2-raw/wiki.test.raw"
@@ -99,8 +99,10 @@ def environment() -> dict:
 
 
 def write_json(obj: dict, path: Path) -> None:
-    """Write ``obj`` as JSON atomically (temp file in the same directory, then rename)."""
-    write_json_atomic(path, obj)
+    """Write ``obj`` as JSON atomically (temp file in the same directory, then
+    rename), creating the directory and replacing an earlier result."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(obj, path, overwrite=True)
 
 
 def gap_closed(ref: float, quant: float, compensated: float) -> float:
@@ -194,12 +196,10 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
 def _tuned_runs(qmodel, cfg: EvalConfig, score, ref_ppl: float, base_ppl: float) -> list[dict]:
     """Perplexity with k per projection type read from ``cfg.tune_config``,
     one run per target (dynamic selection)."""
-    from ..tune import load_config
+    from ..tune import load_targets
 
-    targets = cfg.tune_targets or list(json.loads(Path(cfg.tune_config).read_text())["targets"])
     runs = []
-    for target in targets:
-        fractions = load_config(cfg.tune_config, target)
+    for target, fractions in load_targets(cfg.tune_config, cfg.tune_targets).items():
         configure(qmodel, k=0, policy="dynamic")
         configure(qmodel, k=fractions)
         for _, layer in _layers(qmodel):

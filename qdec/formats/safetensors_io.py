@@ -44,11 +44,14 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class FormatError(ValueError):
@@ -584,8 +587,12 @@ def _shard_path(directory: str, index_path: str, shard: object) -> str:
     return os.path.join(directory, shard)
 
 
-def _load_index(directory: str, index_name: str, allow_pickle: bool
-                ) -> dict[str, torch.Tensor]:
+def load_sharded(directory: str, index_name: str,
+                 load_shard: Callable[[str], Mapping[str, T]]) -> dict[str, T]:
+    """Every tensor of a sharded checkpoint, as ``load_shard(path)`` gives it
+    (tensors, or only their locations). The index must map tensor names to
+    plain file names in ``directory``; each shard must exist and hold the
+    tensors the index assigns it, and no tensor may appear in two shards."""
     index_path = os.path.join(directory, index_name)
     index = read_json(index_path, "shard index")
     weight_map = index.get("weight_map")
@@ -595,13 +602,13 @@ def _load_index(directory: str, index_name: str, allow_pickle: bool
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(_shard_path(directory, index_path, shard), []).append(name)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, T] = {}
     origin: dict[str, str] = {}
     for shard, names in by_shard.items():
         if not os.path.isfile(shard):
             raise FormatError(f"{index_path}: shard {os.path.basename(shard)!r} (holding "
                               f"{names[0]!r} and {len(names) - 1} more) does not exist")
-        tensors = load_state_dict_file(shard, allow_pickle=allow_pickle)
+        tensors = load_shard(shard)
         for name in names:
             if name not in tensors:
                 raise FormatError(f"{shard}: missing tensor {name!r}, which {index_path} "
@@ -627,7 +634,8 @@ def load_state_dict_dir(directory: str | os.PathLike, *, allow_pickle: bool = Fa
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such model directory")
     if os.path.isfile(os.path.join(directory, SAFETENSORS_INDEX)):
-        return _load_index(directory, SAFETENSORS_INDEX, allow_pickle)
+        return load_sharded(directory, SAFETENSORS_INDEX,
+                            lambda p: load_state_dict_file(p, allow_pickle=allow_pickle))
     single = os.path.join(directory, SAFETENSORS_SINGLE)
     if os.path.isfile(single):
         return load_safetensors(single)
@@ -638,7 +646,8 @@ def load_state_dict_dir(directory: str | os.PathLike, *, allow_pickle: bool = Fa
                                   f"to load them (they could run arbitrary code). Convert to "
                                   f"safetensors, or pass allow_pickle=True")
             if name == PICKLE_INDEX:
-                return _load_index(directory, name, allow_pickle)
+                return load_sharded(directory, name, lambda p: load_state_dict_file(
+                    p, allow_pickle=allow_pickle))
             return load_state_dict_file(os.path.join(directory, name), allow_pickle=True)
     found = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if len(found) == 1:

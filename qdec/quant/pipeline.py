@@ -137,14 +137,21 @@ class QuantizationResult:
         return {name: r.rel_error for name, r in self.linears.items()}
 
     def summary(self) -> str:
-        errs = torch.tensor([r.rel_error for r in self.linears.values()])
-        wbytes = sum(r.weight_bytes for r in self.linears.values())
-        rbytes = sum(r.residual_bytes for r in self.linears.values())
-        return (f"{self.method} {self.bits}-bit G={self.group_size} "
-                f"{'sym' if self.symmetric else 'asym'}: {len(self.linears)} linears, "
-                f"rel. output error median {errs.median().item():.4g} "
-                f"mean {errs.mean().item():.4g}; packed {wbytes / 2**20:.2f} MiB, "
-                f"residual {rbytes / 2**20:.2f} MiB; {self.seconds:.1f} s")
+        return summary_line(self)
+
+
+def summary_line(result, suffix: str = "") -> str:
+    """One line on a quantization run (this module's or the streaming one's):
+    method, grid, per-linear output error, bytes, time."""
+    linears = result.linears.values()
+    errs = torch.tensor([r.rel_error for r in linears])
+    wbytes = sum(r.weight_bytes for r in linears)
+    rbytes = sum(r.residual_bytes for r in linears)
+    return (f"{result.method} {result.bits}-bit G={result.group_size} "
+            f"{'sym' if result.symmetric else 'asym'}: {len(result.linears)} linears, "
+            f"rel. output error median {errs.median().item():.4g} "
+            f"mean {errs.mean().item():.4g}; packed {wbytes / 2**20:.2f} MiB, "
+            f"residual {rbytes / 2**20:.2f} MiB; {result.seconds:.1f} s{suffix}")
 
 
 class _LayerInputsCaptured(Exception):

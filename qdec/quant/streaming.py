@@ -90,8 +90,8 @@ from ..formats.safetensors_io import (
     _atomic_file,
     atomic_directory,
     dtype_name,
+    load_sharded,
     read_header,
-    read_json,
     save_safetensors,
     write_json_atomic,
 )
@@ -104,6 +104,7 @@ from .pipeline import (
     capture_layer_inputs,
     current_rss_bytes,
     quantize_decoder_layer,
+    summary_line,
 )
 
 # Bytes moved per read/write when concatenating tensors into the final files.
@@ -163,7 +164,7 @@ class CheckpointSource:
         self.tensors: dict[str, _Located] = {}
         if os.path.isfile(index_path):
             self.where = index_path
-            self._load_index(index_path)
+            self.tensors = load_sharded(self.directory, SAFETENSORS_INDEX, _locate_file)
         elif os.path.isfile(single):
             self.where = single
             self.tensors = _locate_file(single)
@@ -172,35 +173,6 @@ class CheckpointSource:
             raise FormatError(f"{self.directory}: no {SAFETENSORS_INDEX} or "
                               f"{SAFETENSORS_SINGLE} (safetensors files present: "
                               f"{found or 'none'}); streaming quantization reads safetensors only")
-
-    def _load_index(self, index_path: str) -> None:
-        index = read_json(index_path, "shard index")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError(f"{index_path}: 'weight_map' must be a non-empty object of "
-                              f"tensor name to shard file")
-        by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            if (not isinstance(shard, str) or os.path.basename(shard) != shard
-                    or shard in ("", ".", "..")):
-                raise FormatError(f"{index_path}: shard of {name!r} must be a plain file name "
-                                  f"in the same directory, got {shard!r}")
-            by_shard.setdefault(shard, []).append(name)
-        origin: dict[str, str] = {}
-        for shard, names in by_shard.items():
-            path = os.path.join(self.directory, shard)
-            if not os.path.isfile(path):
-                raise FormatError(f"{index_path}: shard {shard!r} (holding {names[0]!r} and "
-                                  f"{len(names) - 1} more) does not exist")
-            located = _locate_file(path)
-            for name in names:
-                if name not in located:
-                    raise FormatError(f"{path}: missing tensor {name!r}, which {index_path} "
-                                      f"places in this shard")
-            for name, loc in located.items():
-                if name in self.tensors:
-                    raise FormatError(f"{path}: tensor {name!r} also appears in {origin[name]}")
-                self.tensors[name], origin[name] = loc, path
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
@@ -362,14 +334,7 @@ class StreamingResult:
         return {name: r.rel_error for name, r in self.linears.items()}
 
     def summary(self) -> str:
-        errs = torch.tensor([r.rel_error for r in self.linears.values()])
-        wbytes = sum(r.weight_bytes for r in self.linears.values())
-        rbytes = sum(r.residual_bytes for r in self.linears.values())
-        return (f"{self.method} {self.bits}-bit G={self.group_size} "
-                f"{'sym' if self.symmetric else 'asym'}: {len(self.linears)} linears, "
-                f"rel. output error median {errs.median().item():.4g} "
-                f"mean {errs.mean().item():.4g}; packed {wbytes / 2**20:.2f} MiB, "
-                f"residual {rbytes / 2**20:.2f} MiB; {self.seconds:.1f} s (streamed)")
+        return summary_line(self, " (streamed)")
 
 
 # ---------------------------------------------------------------------------------

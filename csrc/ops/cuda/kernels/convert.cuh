@@ -1,4 +1,4 @@
-// Loads of float32 / float16 / bfloat16 values as float, torch-free.
+// Loads and stores of float32 / float16 / bfloat16 values as float, torch-free.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +14,15 @@ __device__ __forceinline__ float load_as_float(const __half* p, int64_t i) {
 }
 __device__ __forceinline__ float load_as_float(const __nv_bfloat16* p, int64_t i) {
   return __bfloat162float(p[i]);
+}
+
+// p[i] = v, rounded to nearest in the element type.
+__device__ __forceinline__ void store_float(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_float(__half* p, int64_t i, float v) {
+  p[i] = __float2half_rn(v);
+}
+__device__ __forceinline__ void store_float(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
 }
 
 // Calls f(T{}) with T the CUDA element type of `dtype`.

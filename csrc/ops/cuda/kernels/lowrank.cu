@@ -51,14 +51,6 @@ constexpr int kWarps = 8;  // warps per block
 constexpr int kThreads = kWarp * kWarps;
 constexpr int kMaxBlocksPerSm = 4;
 
-__device__ __forceinline__ void store_float(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_float(__half* p, int64_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
-__device__ __forceinline__ void store_float(__nv_bfloat16* p, int64_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
-
 // V consecutive values at p as float: one 16-byte load when V > 1 (the caller
 // guarantees alignment), a scalar load when V == 1.
 template <int V, typename T>

@@ -80,24 +80,13 @@ __global__ void residual_axpy_partial_kernel(ResidualView r, const int64_t* chan
 }
 
 template <typename TO>
-__device__ __forceinline__ TO from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename TO>
 __global__ void compensation_combine_kernel(const float* acc, const float* partial,
                                             int64_t splits, int64_t total, TO* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= total) return;
   float v = acc[i];
   for (int64_t z = 0; z < splits; ++z) v += partial[z * total + i];
-  out[i] = from_float<TO>(v);
+  store_float(out, i, v);
 }
 
 }  // namespace

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..benchmarking import git_commit
+from ..benchmarking import device_name, git_commit
 from ..formats.safetensors_io import write_json_atomic
 from ..patch import configure, patch, static_channels_from_calibration
 
@@ -93,9 +93,10 @@ def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "commit": git_commit()}
+    """What a result must be read with: the CPU it ran on, threads, versions, commit."""
+    return {"device": device_name("cpu"), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "commit": git_commit()}
 
 
 def write_json(obj: dict, path: Path) -> None:

@@ -52,7 +52,8 @@ RESIDUAL_BITS = 4
 K_PER_1024 = 8  # 0.8 % of input channels, the issue's compensation setting
 
 
-def build(shapes: dict, device: str, dtype, tune_fractions: dict[str, dict[str, float]]):
+def build(shapes: dict, device: str, dtype, tune_fractions: dict[str, dict[str, float]],
+          tune_budgets: dict[str, dict[str, int]]):
     """Per configuration, the list of zero-argument calls (one per projection)."""
     gen = torch.Generator().manual_seed(0)
     configs: dict[str, dict[str, object]] = {"fp16": {}, "qdec_w4": {}, "qdec_w3": {},
@@ -77,9 +78,10 @@ def build(shapes: dict, device: str, dtype, tune_fractions: dict[str, dict[str, 
             ops.compensated_linear(x, *a, r, s, RESIDUAL_BITS, k))
         for t, fractions in tune_fractions.items():
             kt = round(fractions.get(name, 0.0) * K)
+            bt = tune_budgets[t].get(name, 0)
             configs[f"qdec_w3_tuned_{t}"][name] = (
-                lambda x=x, a=w3, r=residual, s=rscales, k=kt:
-                ops.compensated_linear(x, *a, r, s, RESIDUAL_BITS, k))
+                lambda x=x, a=w3, r=residual, s=rscales, k=kt, b=bt:
+                ops.compensated_linear(x, *a, r, s, RESIDUAL_BITS, k, None, b))
         try:
             fn, _ = tinygemm_setup(N, K, GROUP, device, gen)
             xb = x.to(torch.bfloat16)
@@ -98,12 +100,13 @@ def run(args) -> dict:
     shapes = dict(SHAPE_PRESETS[args.shapes])
     iters = args.iters or (200 if device == "cuda" else (2 if args.quick else 5))
     warmup = 20 if device == "cuda" else 1
-    tune_fractions = {}
+    tune_fractions, tune_budgets = {}, {}
     if args.tune_config:
-        from qdec.tune import load_targets
+        from qdec.tune import load_sm_budgets, load_targets
 
         tune_fractions = load_targets(args.tune_config)
-    configs, tinygemm_reason, _keep = build(shapes, device, dtype, tune_fractions)
+        tune_budgets = {t: load_sm_budgets(args.tune_config, t) for t in tune_fractions}
+    configs, tinygemm_reason, _keep = build(shapes, device, dtype, tune_fractions, tune_budgets)
     layer_us, per_projection = {}, {}
     for cfg, calls in configs.items():
         seq = list(calls.values())

@@ -187,9 +187,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = ids["input_ids"]
     settings: list = [0.0]
     if args.tune_config:
-        from .tune import load_config
+        from .tune import load_config, load_sm_budgets
 
         settings.append(load_config(args.tune_config, args.tune_target))
+        configure(model, sm_budget=load_sm_budgets(args.tune_config, args.tune_target))
     elif args.k:
         settings.append(args.k)
     for k in settings:
@@ -276,8 +277,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    try:
+        budgets = [int(b) for b in args.sm_budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--sm-budgets must be comma-separated integers, got "
+                         f"{args.sm_budgets!r}") from None
     measurement = measure(args.device, args.bits, args.group_size, args.residual_bits,
-                          args.shapes, iters=args.iters or None, progress=not args.no_progress)
+                          args.shapes, sm_budgets=budgets or [0], iters=args.iters or None,
+                          progress=not args.no_progress)
     config = tune(measurement, targets, weights)
     path = write_config(config, out or default_config_path(config), overwrite=args.overwrite)
     meta = config["meta"]
@@ -369,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="llama3-8b",
                    help="projection shapes to time: llama3-8b or smollm2-135m")
     p.add_argument("--iters", type=int, default=0, help="timed calls per point (0: default)")
+    p.add_argument("--sm-budgets", default="0,4,8,16",
+                   help="thread-block caps of the compensation kernel to time at each k "
+                        "(0 = automatic); the fastest per k is kept")
     p.add_argument("--weights", default="",
                    help="value of a channel per projection, e.g. down_proj=2,k_proj=2,v_proj=0 "
                         "(default 1 each; 0 = never compensate)")

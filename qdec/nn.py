@@ -107,6 +107,9 @@ class QDECLinear(nn.Module):
         # Dense float32 copies of W_hat and R for fast *simulation* of the exact
         # per-token semantics in evaluation (see simulate_dense); built lazily.
         self.simulate_dense = False
+        # Thread blocks the CUDA compensation may occupy beside the GEMV
+        # (0 = automatic); set from a tune config by qdec.patch.configure.
+        self.sm_budget = 0
         self._dense_cache: tuple[Tensor, Tensor | None] | None = None
 
     # ------------------------------------------------------------------ state
@@ -306,7 +309,8 @@ class QDECLinear(nn.Module):
             if channels is not None:
                 channels = channels.reshape(*x.shape[:-1], k)
             y = ops.compensated_linear(x, *self._weight_args(x.dtype), self.residual,
-                                       self.residual_scales, self.residual_bits, k, channels)
+                                       self.residual_scales, self.residual_bits, k, channels,
+                                       self.sm_budget)
         if self.lowrank is not None:
             y = y + self.lowrank(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -133,6 +133,7 @@ def compensated_linear(
     residual_bits: int,
     k: int,
     channels: Tensor | None = None,
+    sm_budget: int = 0,
 ) -> Tensor:
     """Quantized matmul plus dynamic residual compensation, ``[*, K] -> [*, N]``.
 
@@ -140,16 +141,21 @@ def compensated_linear(
     ``S = outlier_select(x, k)`` unless ``channels`` (int64 ``[*, k]``) is given
     (static, random or oracle selection). ``k = 0`` returns exactly
     :func:`quantized_matmul`. Accumulation is float32; output in ``x.dtype``.
+
+    ``sm_budget`` caps the thread blocks the CUDA compensation kernel occupies
+    beside the GEMV (0 = automatic, up to 32 splits of the k rows); ``qdec
+    tune`` picks it per projection. It changes only the float32 summation
+    order, and the CPU kernel ignores it.
     """
     return torch.ops.qdec.compensated_linear.default(
         x, qweight, scales, zeros, bits, group_size, residual, residual_scales, residual_bits, k,
-        channels,
+        channels, sm_budget,
     )
 
 
 @torch.library.register_fake("qdec::compensated_linear")
 def _(x, qweight, scales, zeros, bits, group_size, residual, residual_scales, residual_bits, k,
-      channels=None):
+      channels=None, sm_budget=0):
     torch._check(0 <= k <= x.shape[-1], lambda: f"k must be in [0, {x.shape[-1]}]")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 

@@ -138,19 +138,26 @@ def qdec_layers(model: nn.Module) -> Iterator[tuple[str, QDECLinear]]:
 
 def configure(model: nn.Module, k: int | float | Mapping[str, int | float] | None = None,
               policy: SelectionPolicy | None = None, simulate_dense: bool | None = None,
-              compensate_prefill: bool | None = None) -> None:
+              compensate_prefill: bool | None = None,
+              sm_budget: int | Mapping[str, int] | None = None) -> None:
     """Set compensation settings on every ``QDECLinear`` of ``model``.
 
-    ``k`` may be one value for all layers, or a mapping from a projection
-    suffix (``q_proj``, ``down_proj``, ...) or full layer name to a value.
+    ``k`` (and ``sm_budget``, the CUDA compensation's thread-block cap) may be
+    one value for all layers, or a mapping from a projection suffix
+    (``q_proj``, ``down_proj``, ...) or full layer name to a value.
     """
+    def pick(setting, name):
+        if isinstance(setting, Mapping):
+            return setting.get(name, setting.get(name.rsplit(".", 1)[-1]))
+        return setting
+
     for name, layer in qdec_layers(model):
-        if isinstance(k, Mapping):
-            value = k.get(name, k.get(name.rsplit(".", 1)[-1]))
-            if value is not None:
-                layer.k = value
-        elif k is not None:
-            layer.k = k
+        if (value := pick(k, name)) is not None:
+            layer.k = value
+        if (budget := pick(sm_budget, name)) is not None:
+            if int(budget) < 0:
+                raise ValueError(f"sm_budget of {name} must be >= 0 (0 = automatic), got {budget}")
+            layer.sm_budget = int(budget)
         if policy is not None:
             layer.policy = policy
         if simulate_dense is not None:

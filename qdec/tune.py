@@ -19,8 +19,10 @@ can drive another Llama-family model; tune at that model's own shapes
 (``--shapes``) when its layers are much smaller, since fixed per-launch costs
 then dominate.
 
-Not tuned: the SM budget of the compensation (the CUDA kernels have no such
-knob yet; the compensation runs on its own stream beside the GEMV).
+The SM budget of the compensation (``compensated_linear``'s ``sm_budget``,
+a cap on the thread blocks its kernel occupies beside the GEMV) is tuned with
+k: each k is timed at every budget of a small grid, the fastest is kept, and
+the config records it per projection for ``qdec generate`` to apply.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ DEFAULT_TARGETS = (0.025, 0.05, 0.10)
 # k as channels per 1024 input channels: 0 to 6.25 %, doubling (decode-time
 # compensation beyond a few percent is bandwidth-bound on PCIe anyway).
 DEFAULT_K_PER_1024 = (0, 1, 2, 4, 8, 16, 32, 64)
+# Thread-block caps of the compensation kernel tried at each k (0 = the
+# kernel's own choice, up to 32 splits of k per 4096 outputs).
+DEFAULT_SM_BUDGETS = (0, 4, 8, 16)
 
 
 def k_grid(K: int, per_1024: Sequence[int] = DEFAULT_K_PER_1024) -> list[int]:
@@ -60,7 +65,8 @@ def k_grid(K: int, per_1024: Sequence[int] = DEFAULT_K_PER_1024) -> list[int]:
 @torch.inference_mode()
 def measure(device: str = "cuda", bits: int = 3, group_size: int = 128, residual_bits: int = 4,
             shapes: str | Mapping[str, tuple[int, int]] = "llama3-8b",
-            per_1024: Sequence[int] = DEFAULT_K_PER_1024, iters: int | None = None,
+            per_1024: Sequence[int] = DEFAULT_K_PER_1024,
+            sm_budgets: Sequence[int] = DEFAULT_SM_BUDGETS, iters: int | None = None,
             warmup: int | None = None, progress: bool = True) -> dict:
     """Time each projection type's GEMV and compensated GEMV over the k grid.
 
@@ -71,12 +77,19 @@ def measure(device: str = "cuda", bits: int = 3, group_size: int = 128, residual
         shapes: a preset name (``llama3-8b``, ``smollm2-135m``) or a mapping
             projection name -> (out_features N, in_features K).
         per_1024: the k grid, as channels per 1024 input channels.
+        sm_budgets: the ``sm_budget`` values timed at each k > 0; the fastest
+            is kept (``compensated_us``, ``sm_budget``), all are recorded
+            (``by_sm_budget``).
         iters, warmup: timed and untimed calls per point (device defaults).
 
     Returns:
         JSON-ready ``{"meta", "format", "shapes", "projections": {name:
-        {"N", "K", "base_us", "k", "compensated_us"}}}``.
+        {"N", "K", "base_us", "k", "compensated_us", "sm_budget",
+        "by_sm_budget"}}}``.
     """
+    sm_budgets = list(dict.fromkeys(int(b) for b in sm_budgets)) or [0]
+    if any(b < 0 for b in sm_budgets):
+        raise ValueError(f"SM budgets must be >= 0 (0 = automatic), got {sm_budgets}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     if isinstance(shapes, str):
@@ -93,20 +106,28 @@ def measure(device: str = "cuda", bits: int = 3, group_size: int = 128, residual
     gen = torch.Generator().manual_seed(0)
     by_shape: dict[tuple[int, int], dict] = {}
     unique = list(dict.fromkeys(shapes.values()))
-    bar = _progress(len(unique) * (1 + len(per_1024)), progress, "tune")
+    bar = _progress(len(unique) * (1 + len(per_1024) * len(sm_budgets)), progress, "tune")
     for N, K in unique:
         wargs, _ = packed_layer(N, K, bits, group_size, dtype, device, gen)
         residual, rscales = residual_store(N, K, residual_bits, device, gen)
         x = torch.randn(1, K, generator=gen).to(device, dtype)
         base = time_op(lambda: ops.quantized_matmul(x, *wargs), device, iters, warmup)
         bar.update(1)
-        ks, comp = k_grid(K, per_1024), []
-        for k in ks:
-            comp.append(time_op(lambda: ops.compensated_linear(
-                x, *wargs, residual, rscales, residual_bits, k), device, iters, warmup))
-            bar.update(1)
+        ks = k_grid(K, per_1024)
+        by_budget: dict[str, list[float]] = {}
+        for b in sm_budgets:
+            by_budget[str(b)] = []
+            for k in ks:
+                t = time_op(lambda: ops.compensated_linear(
+                    x, *wargs, residual, rscales, residual_bits, k, None, b),
+                    device, iters, warmup)
+                by_budget[str(b)].append(t * 1e6)
+                bar.update(1)
+        best = [min(sm_budgets, key=lambda b: by_budget[str(b)][i]) for i in range(len(ks))]
         by_shape[(N, K)] = {"N": N, "K": K, "base_us": base * 1e6, "k": ks,
-                            "compensated_us": [t * 1e6 for t in comp]}
+                            "compensated_us": [by_budget[str(b)][i] for i, b in enumerate(best)],
+                            "sm_budget": [0 if k == 0 else b for k, b in zip(ks, best)],
+                            "by_sm_budget": by_budget}
     bar.close()
     return {"meta": run_metadata(device), "iters": iters, "warmup": warmup,
             "format": {"bits": bits, "group_size": group_size, "residual_bits": residual_bits},
@@ -147,7 +168,8 @@ def choose_k(projections: Mapping[str, Mapping], target: float,
             nothing on SmolLM2, e.g. ``{"down_proj": 2, "k_proj": 2, "v_proj": 0}``.
 
     Returns:
-        ``{"target", "k": {name: k}, "fraction": {name: k / K}, "budget_us",
+        ``{"target", "k": {name: k}, "fraction": {name: k / K}, "sm_budget":
+        {name: thread-block cap measured fastest at that k}, "budget_us",
         "overhead_us", "base_us", "predicted_slowdown"}``.
     """
     if not (target >= 0 and math.isfinite(target)):
@@ -181,8 +203,18 @@ def choose_k(projections: Mapping[str, Mapping], target: float,
     ks = {name: curves[name][step[name]][0] for name in projections}
     return {"target": target, "k": ks,
             "fraction": {name: ks[name] / projections[name]["K"] for name in projections},
+            "sm_budget": {name: _sm_budget_at(projections[name], ks[name]) for name in projections},
             "budget_us": budget, "overhead_us": spent, "base_us": base,
             "predicted_slowdown": (base + spent) / base if base > 0 else 1.0}
+
+
+def _sm_budget_at(projection: Mapping, k: int) -> int:
+    """The measured-fastest sm_budget at ``k`` (0, automatic, for k = 0 or a
+    measurement without budgets)."""
+    budgets = projection.get("sm_budget")
+    if k == 0 or not budgets:
+        return 0
+    return int(dict(zip(projection["k"], budgets)).get(k, 0))
 
 
 def tune(measurement: dict, targets: Sequence[float] = DEFAULT_TARGETS,
@@ -227,6 +259,23 @@ def load_config(path: str | Path, target: float | str | None = None) -> dict[str
     key = min(targets, key=_parse_target) if target is None else _target_key(
         _parse_target(target))
     return _fractions(path, targets, key)
+
+
+def load_sm_budgets(path: str | Path, target: float | str | None = None) -> dict[str, int]:
+    """The ``sm_budget`` per projection type for ``target`` (as
+    :func:`load_config`), for :func:`qdec.patch.configure`'s ``sm_budget``;
+    empty for a config written before budgets were tuned."""
+    path = Path(path)
+    targets = _read_targets(path)
+    key = min(targets, key=_parse_target) if target is None else _target_key(
+        _parse_target(target))
+    _fractions(path, targets, key)  # the same checks and errors as load_config
+    budgets = targets[key].get("sm_budget") or {}
+    if not isinstance(budgets, dict) or not all(
+            isinstance(v, int) and v >= 0 for v in budgets.values()):
+        raise ValueError(f"{path}: target {key} has an invalid 'sm_budget' mapping "
+                         f"(projection -> integer >= 0)")
+    return dict(budgets)
 
 
 def load_targets(path: str | Path, targets: Sequence[float | str] | None = None
@@ -302,13 +351,15 @@ def _parse_target(target: float | str) -> float:
 
 
 def summary_table(config: Mapping) -> str:
-    """Markdown: per target, k (and % of channels) per projection and the
-    predicted slowdown of the summed GEMVs."""
+    """Markdown: per target, k (and % of channels, and the SM budget when not
+    automatic) per projection and the predicted slowdown of the summed GEMVs."""
     names = list(config["projections"])
     lines = ["| target | " + " | ".join(names) + " | predicted slowdown |",
              "|---|" + "---|" * (len(names) + 1)]
     for key, choice in config["targets"].items():
-        cells = [f"{choice['k'][n]} ({choice['fraction'][n]:.2%})" for n in names]
+        budgets = choice.get("sm_budget", {})
+        cells = [f"{choice['k'][n]} ({choice['fraction'][n]:.2%})"
+                 + (f", {budgets[n]} CTAs" if budgets.get(n) else "") for n in names]
         lines.append(f"| {key} | " + " | ".join(cells) +
                      f" | {choice['predicted_slowdown']:.4f}x |")
     return "\n".join(lines)

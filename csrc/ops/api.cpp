@@ -49,13 +49,13 @@ at::Tensor compensated_linear(const at::Tensor& x, const at::Tensor& qweight,
                               const at::Tensor& scales, OptTensor zeros, int64_t bits,
                               int64_t group_size, const at::Tensor& residual,
                               const at::Tensor& residual_scales, int64_t residual_bits, int64_t k,
-                              OptTensor channels) {
+                              OptTensor channels, int64_t sm_budget) {
   static auto handle =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, OptTensor, int64_t,
-                    int64_t, const at::Tensor&, const at::Tensor&, int64_t, int64_t, OptTensor)>(
-          "qdec::compensated_linear");
+                    int64_t, const at::Tensor&, const at::Tensor&, int64_t, int64_t, OptTensor,
+                    int64_t)>("qdec::compensated_linear");
   return handle.call(x, qweight, scales, zeros, bits, group_size, residual, residual_scales,
-                     residual_bits, k, channels);
+                     residual_bits, k, channels, sm_budget);
 }
 
 at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& lowrank_a,

@@ -156,6 +156,12 @@ inline std::pair<WeightGeometry, ResidualGeometry> check_compensated_linear(
   return {geom, rgeom};
 }
 
+// sm_budget of compensated_linear: a thread-block cap, 0 = automatic. Checked
+// on every backend so a bad value fails the same way on CPU and CUDA.
+inline void check_sm_budget(int64_t sm_budget) {
+  TORCH_CHECK(sm_budget >= 0, "qdec: sm_budget must be >= 0 (0 = automatic), got ", sm_budget);
+}
+
 // Validated geometry of a static low-rank term y = L_A (L_B x).
 struct LowRankGeometry {
   int64_t N, K, r;

@@ -41,10 +41,13 @@ TORCH_LIBRARY(qdec, m) {
 
   // y = x @ W^T + sum_{j in S} R[:, j] * x[j] per row, S = outlier_select(x, k)
   // or the given channels ([*, k]). k = 0 returns exactly quantized_matmul.
+  // sm_budget caps the thread blocks the CUDA compensation kernel occupies
+  // beside the GEMV (0 = automatic); a performance knob for the tuner, it
+  // changes only the float32 summation order, and the CPU kernel ignores it.
   m.def(
       "compensated_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, "
       "int bits, int group_size, Tensor residual, Tensor residual_scales, "
-      "int residual_bits, int k, Tensor? channels=None) -> Tensor");
+      "int residual_bits, int k, Tensor? channels=None, int sm_budget=0) -> Tensor");
 
   // Static low-rank term y[*, N] = (x[*, K] @ lowrank_b^T) @ lowrank_a^T with
   // lowrank_a [N, r], lowrank_b [r, K] in x's dtype; the r-vector t = L_B x is

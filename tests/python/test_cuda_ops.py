@@ -73,6 +73,39 @@ def test_compensation_overlap_off_gives_the_same_bits(tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt"), got)
 
 
+# ------------------------------------------------------------ quantized GEMV
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,batch", [(1024, 4096, 1), (301, 14336, 1), (301, 14336, 4)])
+def test_gemv_llama_widths_match_cpu(bits, dtype, N, K, batch):
+    # K = 14336 makes each of the CTA's 128 threads walk 3 or 4 blocks; N = 301
+    # leaves a CTA with one of its four rows. Both sides see the same fp16/bf16
+    # inputs and accumulate in float32 in different orders (~1e-6 relative),
+    # then round once to the dtype: two ulps of the dtype at the output scale.
+    layer = make_layer(N, K, bits, 128)
+    x = torch.randn(batch, K).to(dtype)
+    cpu = layer.to("cpu", dtype)
+    want = qdec.quantized_matmul(x, *cpu.weight_args()).float()
+    got = qdec.quantized_matmul(x.cuda(), *layer.to("cuda", dtype).weight_args()).float().cpu()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, want, rtol=2 * eps, atol=2 * eps * want.abs().max())
+
+
+def test_gemv_misaligned_weight_view_gives_the_same_bits():
+    # The GEMV's 16-byte loads need an aligned weight; a contiguous view that
+    # starts one word into its storage is copied by the glue, not misread.
+    layer = make_layer(64, 256, 4, 32)
+    gpu = layer.to("cuda", torch.float16)
+    qweight, scales, zeros, bits, group = gpu.weight_args()
+    storage = torch.zeros(qweight.numel() + 1, dtype=torch.int32, device="cuda")
+    storage[1:] = qweight.flatten()
+    shifted = storage[1:].view(qweight.shape)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
+    assert torch.equal(qdec.quantized_matmul(x, shifted, scales, zeros, bits, group),
+                       qdec.quantized_matmul(x, qweight, scales, zeros, bits, group))
+
+
 def test_pageable_host_residual_is_refused():
     layer = make_layer(64, 128)
     gpu = layer.to("cuda", torch.float32)

@@ -204,6 +204,23 @@ def test_compensated_linear_full_k_recovers_dense_residual(device):
     torch.testing.assert_close(got.cpu(), x.cpu() @ dense.t(), rtol=1e-5, atol=1e-5)
 
 
+def test_compensated_linear_sm_budget_changes_only_summation_order(device):
+    # sm_budget caps the CUDA compensation's thread blocks, i.e. how many
+    # float32 partial sums k is split into: the result moves by rounding only
+    # (float32 tolerance), and not at all on CPU, which ignores it.
+    layer = make_layer(300, 1024, 3, 128).to(device, torch.float32)
+    x = torch.randn(2, 1024, device=device)
+    args = (x, *layer.weight_args(), *layer.residual_args(), 100)
+    auto = qdec.compensated_linear(*args)
+    for budget in (1, 3, 64, 10_000):
+        got = qdec.compensated_linear(*args, None, budget)
+        if device == "cpu":
+            assert torch.equal(got, auto)
+        torch.testing.assert_close(got, auto, **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match=r"sm_budget must be >= 0 \(0 = automatic\), got -1"):
+        qdec.compensated_linear(*args, None, -1)
+
+
 # ---------------------------------------------------------------- opcheck
 def _opcheck_cases(device):
     layer = make_layer(24, 96, 3, 32).to(device, torch.float16)
@@ -220,6 +237,8 @@ def _opcheck_cases(device):
          (x, *layer.weight_args(), *layer.residual_args(), 5, ch)),
         (torch.ops.qdec.compensated_linear.default,
          (x, *layer.weight_args(), *layer.residual_args(), 0)),
+        (torch.ops.qdec.compensated_linear.default,
+         (x, *layer.weight_args(), *layer.residual_args(), 5, None, 2)),
     ]
 
 

@@ -111,6 +111,48 @@ def test_config_round_trip_and_targets(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # nothing half-written left behind
 
 
+def test_sm_budget_follows_the_chosen_k(tmp_path):
+    # The fastest budget is recorded per k; the config carries the one at the
+    # chosen k (0 = automatic where nothing is compensated).
+    m = synthetic_measurement()
+    for p in m["projections"].values():
+        p["sm_budget"] = [0] + [4 * (i + 1) for i in range(len(p["k"]) - 1)]
+    config = tune.tune(m, [0.0, 0.05])
+    for key, choice in config["targets"].items():
+        for name, k in choice["k"].items():
+            p = m["projections"][name]
+            assert choice["sm_budget"][name] == (0 if k == 0 else p["sm_budget"][p["k"].index(k)])
+    path = tune.write_config(config, tmp_path / "c.json")
+    assert tune.load_sm_budgets(path, "5%") == config["targets"]["5%"]["sm_budget"]
+    assert set(tune.load_sm_budgets(path).values()) == {0}  # 0 %: nothing compensated
+    assert "CTAs" in tune.summary_table(config)
+    # A config without budgets (older files) reads as automatic everywhere.
+    old = json.loads(path.read_text())
+    del old["targets"]["5%"]["sm_budget"]
+    path.write_text(json.dumps(old))
+    assert tune.load_sm_budgets(path, "5%") == {}
+    old["targets"]["5%"]["sm_budget"] = {"q_proj": -2}
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="invalid 'sm_budget'"):
+        tune.load_sm_budgets(path, "5%")
+
+
+def test_configure_sets_sm_budget():
+    import torch
+    from test_nn import build
+
+    from qdec.patch import configure, qdec_layers
+
+    model = torch.nn.ModuleDict({"q_proj": build(), "down_proj": build()})
+    configure(model, sm_budget={"down_proj": 8})
+    budgets = {name: layer.sm_budget for name, layer in qdec_layers(model)}
+    assert all((b == 8) == name.endswith("down_proj") for name, b in budgets.items())
+    configure(model, sm_budget=0)
+    assert all(layer.sm_budget == 0 for _, layer in qdec_layers(model))
+    with pytest.raises(ValueError, match="sm_budget of .* must be >= 0"):
+        configure(model, sm_budget=-1)
+
+
 def test_load_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="qdec tune"):
         tune.load_config(tmp_path / "missing.json")
@@ -137,10 +179,17 @@ def test_load_config_errors(tmp_path):
 def test_measure_on_cpu_and_cli(tmp_path, capsys):
     shapes = {"q_proj": (64, 96), "down_proj": (48, 160)}
     m = tune.measure("cpu", bits=3, group_size=32, residual_bits=4, shapes=shapes,
-                     per_1024=(0, 64, 256), iters=1, warmup=0, progress=False)
+                     per_1024=(0, 64, 256), sm_budgets=(0, 2), iters=1, warmup=0,
+                     progress=False)
     assert m["shapes"] == "custom" and m["meta"]["device_type"] == "cpu"
     q = m["projections"]["q_proj"]
     assert q["k"] == [0, 6, 24] and len(q["compensated_us"]) == 3 and q["base_us"] > 0
+    assert set(q["by_sm_budget"]) == {"0", "2"} and q["sm_budget"][0] == 0
+    for i, b in enumerate(q["sm_budget"]):  # the kept time is the fastest budget's
+        assert q["compensated_us"][i] == min(t[i] for t in q["by_sm_budget"].values())
+        assert i == 0 or q["compensated_us"][i] == q["by_sm_budget"][str(b)][i]
+    with pytest.raises(ValueError, match="SM budgets must be >= 0"):
+        tune.measure("cpu", shapes=shapes, sm_budgets=(-1,))
     with pytest.raises(ValueError, match="unknown shape preset"):
         tune.measure("cpu", shapes="gpt-5")
 

@@ -61,7 +61,10 @@ cudaError_t launch_outlier_select(const void* x, DType x_dtype, int64_t B, int64
 //  2. out[b, n] = acc[b, n] + sum_z partial[z, b, n], cast to out_dtype, summed
 //     in z order (the GEMV's epilogue; same bits on every run and in a graph).
 // partial is float32 [splits, B, N]; every element is written by step 1.
-int64_t residual_axpy_splits(int64_t k);
+// The number of splits of k: about 4 selected rows per thread, at most 32,
+// and, when sm_budget > 0, at most as many as keep the kernel's thread blocks
+// (ceil(N / 4096) * B per split) within sm_budget (at least one split).
+int64_t residual_axpy_splits(int64_t k, int64_t N, int64_t B, int64_t sm_budget);
 cudaError_t launch_residual_axpy_partial(const ResidualView& r, const int64_t* channels,
                                          int64_t k, const void* x, DType x_dtype, int64_t B,
                                          int64_t K, int64_t splits, float* partial,

@@ -28,7 +28,8 @@ at::Tensor compensated_linear(const at::Tensor& x, const at::Tensor& qweight,
                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                               int64_t bits, int64_t group_size, const at::Tensor& residual,
                               const at::Tensor& residual_scales, int64_t residual_bits, int64_t k,
-                              const std::optional<at::Tensor>& channels = std::nullopt);
+                              const std::optional<at::Tensor>& channels = std::nullopt,
+                              int64_t sm_budget = 0);
 
 // (x @ lowrank_b^T) @ lowrank_a^T: x [*, K], lowrank_a [N, r], lowrank_b [r, K].
 at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& lowrank_a,

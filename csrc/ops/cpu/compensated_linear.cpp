@@ -12,7 +12,9 @@ at::Tensor compensated_linear_cpu(const at::Tensor& x, const at::Tensor& qweight
                                   const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                                   int64_t bits, int64_t group_size, const at::Tensor& residual,
                                   const at::Tensor& residual_scales, int64_t residual_bits,
-                                  int64_t k, const std::optional<at::Tensor>& channels) {
+                                  int64_t k, const std::optional<at::Tensor>& channels,
+                                  int64_t sm_budget) {
+  check_sm_budget(sm_budget);  // a CUDA scheduling knob: nothing to schedule here
   check_cpu(x, "x");
   check_cpu(qweight, "qweight");
   check_cpu(residual, "residual");

@@ -53,7 +53,8 @@ at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    const std::optional<at::Tensor>& zeros, int64_t bits,
                                    int64_t group_size, const at::Tensor& residual,
                                    const at::Tensor& residual_scales, int64_t residual_bits,
-                                   int64_t k, const std::optional<at::Tensor>& channels) {
+                                   int64_t k, const std::optional<at::Tensor>& channels,
+                                   int64_t sm_budget) {
   const auto [geom, rgeom] = check_compensated_linear(x, qweight, scales, zeros, bits, group_size,
                                                       residual, residual_scales, residual_bits, k);
   const int64_t K = geom.K;
@@ -74,7 +75,8 @@ at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweigh
   }
   const auto view = residual_view(residual.contiguous(), residual_scales.contiguous(), rgeom,
                                   residual_bits, x);
-  const int64_t splits = residual_axpy_splits(k);
+  check_sm_budget(sm_budget);
+  const int64_t splits = residual_axpy_splits(k, geom.N, B, sm_budget);
   auto partial = at::empty({splits, B, geom.N}, x2d.options().dtype(at::kFloat));
   auto out = at::empty({B, geom.N}, x2d.options());
   const auto main = c10::cuda::getCurrentCUDAStream();

@@ -10,7 +10,11 @@ at::Tensor quantized_matmul_fp32_cuda(const at::Tensor& x2d, const at::Tensor& q
                                       const std::optional<at::Tensor>& zeros, int64_t bits,
                                       const WeightGeometry& geom) {
   const int64_t B = x2d.size(0);
-  const auto t = weight_tensors(qweight, scales, zeros);
+  auto t = weight_tensors(qweight, scales, zeros);
+  // The GEMV reads packed blocks with 16-byte loads. Allocator blocks are
+  // aligned; only a view into the middle of another tensor may not be, and is
+  // copied (rarely taken, and better than failing).
+  if (reinterpret_cast<uintptr_t>(t.qweight.data_ptr()) % 16 != 0) t.qweight = t.qweight.clone();
   const auto view = weight_view(t, geom, bits);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (B > kMaxGemvRows) {

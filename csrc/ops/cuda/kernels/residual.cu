@@ -104,10 +104,15 @@ cudaError_t launch_residual_gather(const ResidualView& r, const int64_t* channel
   return cudaGetLastError();
 }
 
-int64_t residual_axpy_splits(int64_t k) {
+int64_t residual_axpy_splits(int64_t k, int64_t N, int64_t B, int64_t sm_budget) {
   // ~4 selected rows per thread: enough independent loads per CTA to cover
   // PCIe latency, few enough partial sums for the combine to stay trivial.
-  return std::clamp<int64_t>((k + 3) / 4, 1, 32);
+  const int64_t splits = std::clamp<int64_t>((k + 3) / 4, 1, 32);
+  if (sm_budget <= 0) return splits;
+  // A split is ceil(N / 32 / 128) CTAs (128 threads, one 32-output block each)
+  // per activation row. Fewer CTAs leave more SMs to the GEMV beside it.
+  const int64_t per_split = std::max<int64_t>(1, (N + 32 * 128 - 1) / (32 * 128) * B);
+  return std::clamp<int64_t>(sm_budget / per_split, 1, splits);
 }
 
 cudaError_t launch_residual_axpy_partial(const ResidualView& r, const int64_t* channels,

@@ -45,6 +45,12 @@ __global__ void residual_gather_kernel(ResidualView r, const int64_t* channels, 
   }
 }
 
+// Selected rows a thread reads before using any: a zero-copy read of host
+// memory takes a PCIe round trip (~1-2 us), so reading the split's rows one
+// after another would cost that many round trips; with splits = ceil(k/4),
+// a thread's rows (k <= 128) are all in flight at once.
+constexpr int kRowsInFlight = 4;
+
 template <int BITS, typename TX>
 __global__ void residual_axpy_partial_kernel(ResidualView r, const int64_t* channels, int64_t k,
                                              const TX* x, int64_t B, int64_t K,
@@ -60,16 +66,32 @@ __global__ void residual_axpy_partial_kernel(ResidualView r, const int64_t* chan
     float sum[kBlock];
 #pragma unroll
     for (int i = 0; i < kBlock; ++i) sum[i] = 0.f;
-    for (int64_t s = split; s < k; s += splits) {
-      const int64_t j = channels[b * k + s];
-      if (j < 0 || j >= K) continue;
-      const float xv = load_as_float(x, b * K + j);
-      uint32_t words[BITS];
+    // Rows s = split, split + splits, ... < k, in that order, kRowsInFlight
+    // at a time: all loads of a batch are issued before the first use.
+    for (int64_t s0 = split; s0 < k; s0 += splits * kRowsInFlight) {
+      int64_t j[kRowsInFlight];
+      float xv[kRowsInFlight];
+      uint32_t words[kRowsInFlight][BITS];
 #pragma unroll
-      for (int i = 0; i < BITS; ++i) words[i] = r.residual[j * r.words_per_row + c * BITS + i];
+      for (int t = 0; t < kRowsInFlight; ++t) {
+        const int64_t s = s0 + t * splits;
+        j[t] = s < k ? channels[b * k + s] : -1;
+      }
 #pragma unroll
-      for (int i = 0; i < kBlock; ++i)
-        sum[i] += xv * (static_cast<float>(unpack_one<BITS>(words, i)) - offset);
+      for (int t = 0; t < kRowsInFlight; ++t) {
+        const bool valid = j[t] >= 0 && j[t] < K;  // out-of-range channels are skipped
+        xv[t] = valid ? load_as_float(x, b * K + j[t]) : 0.f;
+#pragma unroll
+        for (int i = 0; i < BITS; ++i)
+          words[t][i] = valid ? r.residual[j[t] * r.words_per_row + c * BITS + i] : 0u;
+      }
+#pragma unroll
+      for (int t = 0; t < kRowsInFlight; ++t) {
+        if (j[t] < 0 || j[t] >= K) continue;  // same sums as skipping the row
+#pragma unroll
+        for (int i = 0; i < kBlock; ++i)
+          sum[i] += xv[t] * (static_cast<float>(unpack_one<BITS>(words[t], i)) - offset);
+      }
     }
     // The per-output scale factors out of the sum over channels.
     float* dst = partial + (split * B + b) * r.N + n0;

@@ -256,9 +256,7 @@ def load_config(path: str | Path, target: float | str | None = None) -> dict[str
     """
     path = Path(path)
     targets = _read_targets(path)
-    key = min(targets, key=_parse_target) if target is None else _target_key(
-        _parse_target(target))
-    return _fractions(path, targets, key)
+    return _fractions(path, targets, _chosen_key(targets, target))
 
 
 def load_sm_budgets(path: str | Path, target: float | str | None = None) -> dict[str, int]:
@@ -267,8 +265,7 @@ def load_sm_budgets(path: str | Path, target: float | str | None = None) -> dict
     empty for a config written before budgets were tuned."""
     path = Path(path)
     targets = _read_targets(path)
-    key = min(targets, key=_parse_target) if target is None else _target_key(
-        _parse_target(target))
+    key = _chosen_key(targets, target)
     _fractions(path, targets, key)  # the same checks and errors as load_config
     budgets = targets[key].get("sm_budget") or {}
     if not isinstance(budgets, dict) or not all(
@@ -306,6 +303,13 @@ def _read_targets(path: Path) -> dict:
     if not targets:
         raise ValueError(f"{path}: has no targets")
     return targets
+
+
+def _chosen_key(targets: dict, target: float | str | None) -> str:
+    """The key of ``target`` in a config's targets (default: the smallest)."""
+    if target is None:
+        return min(targets, key=_parse_target)
+    return _target_key(_parse_target(target))
 
 
 def _fractions(path: Path, targets: dict, key: str) -> dict[str, float]:

@@ -35,10 +35,11 @@ struct ResidualView {
 // W as dense float32 [N, K].
 cudaError_t launch_dequantize(const PackedWeightView& w, float* out, cudaStream_t stream);
 
-// acc[b, n] = sum_k x[b, k] * W[n, k] in float32, for B <= kMaxGemvRows.
+// out[b, n] = sum_k x[b, k] * W[n, k], accumulated in float32 and stored
+// in out_dtype (float32 or x_dtype), for B <= kMaxGemvRows.
 constexpr int64_t kMaxGemvRows = 16;
 cudaError_t launch_gemv(const PackedWeightView& w, const void* x, DType x_dtype, int64_t B,
-                        float* acc, cudaStream_t stream);
+                        void* out, DType out_dtype, cudaStream_t stream);
 
 // out[r, :] = R[:, channels[r]] (float32 [rows, N]); out-of-range channels
 // give zero rows (no host-side check, so the op stays graph-capturable).

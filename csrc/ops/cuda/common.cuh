@@ -75,12 +75,13 @@ inline ResidualView residual_view(const at::Tensor& residual, const at::Tensor& 
           residual.size(1), static_cast<int>(bits)};
 }
 
-// x[B, K] @ W^T as float32 [B, N]; shared by quantized_matmul and
+// x[B, K] @ W^T as [B, N] in out_dtype (float32 or x's dtype), accumulated
+// in float32 and rounded once; shared by quantized_matmul and
 // compensated_linear so that k = 0 is bit-identical.
-at::Tensor quantized_matmul_fp32_cuda(const at::Tensor& x2d, const at::Tensor& qweight,
-                                      const at::Tensor& scales,
-                                      const std::optional<at::Tensor>& zeros, int64_t bits,
-                                      const WeightGeometry& geom);
+at::Tensor quantized_matmul_2d_cuda(const at::Tensor& x2d, const at::Tensor& qweight,
+                                    const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& zeros, int64_t bits,
+                                    const WeightGeometry& geom, at::ScalarType out_dtype);
 
 // int64 [B, k] indices of the k largest |x| per row (x2d contiguous).
 at::Tensor outlier_select_cuda_impl(const at::Tensor& x2d, int64_t k);

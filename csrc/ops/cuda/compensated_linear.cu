@@ -69,8 +69,7 @@ at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweigh
     check_channels(*channels, B, k, K, /*check_values=*/false);
   }
   if (k == 0 || B == 0) {  // exactly quantized_matmul
-    return quantized_matmul_fp32_cuda(x2d, qweight, scales, zeros, bits, geom)
-        .to(x.scalar_type())
+    return quantized_matmul_2d_cuda(x2d, qweight, scales, zeros, bits, geom, x.scalar_type())
         .reshape(out_shape);
   }
   const auto view = residual_view(residual.contiguous(), residual_scales.contiguous(), rgeom,
@@ -99,7 +98,7 @@ at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweigh
                  "residual axpy");
   }
   if (overlap) C10_CUDA_CHECK(cudaEventRecord(join, side.stream()));
-  const auto acc = quantized_matmul_fp32_cuda(x2d, qweight, scales, zeros, bits, geom);
+  const auto acc = quantized_matmul_2d_cuda(x2d, qweight, scales, zeros, bits, geom, at::kFloat);
   if (overlap) C10_CUDA_CHECK(cudaStreamWaitEvent(main.stream(), join, 0));
   check_launch(launch_compensation_combine(acc.data_ptr<float>(), partial.data_ptr<float>(),
                                            splits, B, geom.N, out.data_ptr(), dtype_of(out),

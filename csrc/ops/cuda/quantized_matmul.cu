@@ -5,10 +5,10 @@
 
 namespace qdec::cuda {
 
-at::Tensor quantized_matmul_fp32_cuda(const at::Tensor& x2d, const at::Tensor& qweight,
-                                      const at::Tensor& scales,
-                                      const std::optional<at::Tensor>& zeros, int64_t bits,
-                                      const WeightGeometry& geom) {
+at::Tensor quantized_matmul_2d_cuda(const at::Tensor& x2d, const at::Tensor& qweight,
+                                    const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& zeros, int64_t bits,
+                                    const WeightGeometry& geom, at::ScalarType out_dtype) {
   const int64_t B = x2d.size(0);
   auto t = weight_tensors(qweight, scales, zeros);
   // The GEMV reads packed blocks with 16-byte loads. Allocator blocks are
@@ -22,12 +22,13 @@ at::Tensor quantized_matmul_fp32_cuda(const at::Tensor& x2d, const at::Tensor& q
     // run the GEMM (in float32, matching the CPU path's accumulation).
     auto dense = at::empty({geom.N, geom.K}, x2d.options().dtype(at::kFloat));
     check_launch(launch_dequantize(view, dense.data_ptr<float>(), stream), "dequantize");
-    return at::mm(x2d.to(at::kFloat), dense.t());
+    return at::mm(x2d.to(at::kFloat), dense.t()).to(out_dtype);
   }
-  auto acc = at::empty({B, geom.N}, x2d.options().dtype(at::kFloat));
-  check_launch(launch_gemv(view, x2d.data_ptr(), dtype_of(x2d), B, acc.data_ptr<float>(), stream),
+  auto out = at::empty({B, geom.N}, x2d.options().dtype(out_dtype));
+  check_launch(launch_gemv(view, x2d.data_ptr(), dtype_of(x2d), B, out.data_ptr(),
+                           dtype_of(out), stream),
                "quantized GEMV");
-  return acc;
+  return out;
 }
 
 namespace {
@@ -45,8 +46,7 @@ at::Tensor quantized_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const auto x2d = x.reshape({-1, K}).contiguous();
   auto out_shape = x.sizes().vec();
   out_shape.back() = geom.N;
-  return quantized_matmul_fp32_cuda(x2d, qweight, scales, zeros, bits, geom)
-      .to(x.scalar_type())
+  return quantized_matmul_2d_cuda(x2d, qweight, scales, zeros, bits, geom, x.scalar_type())
       .reshape(out_shape);
 }
 

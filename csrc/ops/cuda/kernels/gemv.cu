@@ -122,10 +122,9 @@ __device__ __forceinline__ void load_x_block(const T* xb, int64_t K, int64_t c, 
   }
 }
 
-template <int BITS, typename T>
+template <int BITS, typename T, typename TO>
 __global__ void __launch_bounds__(kGemvThreads)
-    gemv_kernel(PackedWeightView w, const T* __restrict__ x, bool vec_x,
-                float* __restrict__ acc) {
+    gemv_kernel(PackedWeightView w, const T* __restrict__ x, bool vec_x, TO* __restrict__ out) {
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGemvRows;
   const int64_t b = blockIdx.y;
   const T* xb = x + b * w.K;
@@ -162,7 +161,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     float total = 0.f;
 #pragma unroll
     for (int i = 0; i < kGemvThreads / kWarp; ++i) total += warp_sums[i][threadIdx.x];
-    acc[b * w.N + n0 + threadIdx.x] = total;
+    store_float(out, b * w.N + n0 + threadIdx.x, total);
   }
 }
 
@@ -189,11 +188,13 @@ cudaError_t launch_dequantize(const PackedWeightView& w, float* out, cudaStream_
 }
 
 cudaError_t launch_gemv(const PackedWeightView& w, const void* x, DType x_dtype, int64_t B,
-                        float* acc, cudaStream_t stream) {
+                        void* out, DType out_dtype, cudaStream_t stream) {
   if (w.N == 0 || B == 0) return cudaSuccess;
   // The glue guarantees a batch this small, one dtype for x and the scales,
-  // and a 16-byte aligned weight (vector loads); anything else is a bug there.
+  // an output in float32 or x's dtype, and a 16-byte aligned weight (vector
+  // loads); anything else is a bug there.
   if (B > kMaxGemvRows || x_dtype != w.scale_dtype ||
+      (out_dtype != DType::kFloat32 && out_dtype != x_dtype) ||
       reinterpret_cast<uintptr_t>(w.qweight) % 16 != 0)
     return cudaErrorInvalidValue;
   const int64_t x_size = x_dtype == DType::kFloat32 ? 4 : 2;
@@ -205,8 +206,15 @@ cudaError_t launch_gemv(const PackedWeightView& w, const void* x, DType x_dtype,
   dispatch_dtype(x_dtype, [&](auto tx) {
     using T = decltype(tx);
     dispatch_bits_host(w.bits, [&]<int BITS>() {
-      gemv_kernel<BITS, T><<<grid, kGemvThreads, 0, stream>>>(w, static_cast<const T*>(x), vec_x,
-                                                               acc);
+      // Written in x's dtype straight from the kernel for quantized_matmul
+      // (no separate cast kernel: at batch 1 a launch costs as much as the
+      // GEMV), or float32 for the compensation's combine epilogue.
+      if (out_dtype == DType::kFloat32)
+        gemv_kernel<BITS, T, float><<<grid, kGemvThreads, 0, stream>>>(
+            w, static_cast<const T*>(x), vec_x, static_cast<float*>(out));
+      else
+        gemv_kernel<BITS, T, T><<<grid, kGemvThreads, 0, stream>>>(
+            w, static_cast<const T*>(x), vec_x, static_cast<T*>(out));
     });
   });
   return cudaGetLastError();

@@ -35,6 +35,18 @@ tail -8 "$OUT/tune.log"
   $( [ -f "$OUT/tune_llama3-8b_w3g128r4.json" ] && echo --tune-config "$OUT/tune_llama3-8b_w3g128r4.json" ) \
   --out "$OUT/bench_decode_layer_cuda.json" > "$OUT/bench_decode_layer.log" 2>&1 || status=1
 tail -15 "$OUT/bench_decode_layer.log"
+# Hardware counters of each decode kernel (what bounds it: DRAM, issue or
+# latency), to explain any gap to a target. --clock-control none: leave the
+# clocks as they are (device METHOD.md).
+if command -v ncu >/dev/null; then
+  ncu --clock-control none --profile-from-start off --print-units base --csv \
+    --metrics "$("$PY" benchmarks/profile_gemv.py metrics)" --log-file "$OUT/ncu_gemv.csv" \
+    "$PY" benchmarks/profile_gemv.py launch --manifest "$OUT/ncu_manifest.json" \
+    > "$OUT/ncu.log" 2>&1 &&
+  "$PY" benchmarks/profile_gemv.py summarize "$OUT/ncu_gemv.csv" "$OUT/ncu_manifest.json" \
+    --out "$OUT/profile_gemv.json" >> "$OUT/ncu.log" 2>&1 || status=1
+  tail -20 "$OUT/ncu.log"
+fi
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck "$PY" -m pytest tests/python/test_cuda_ops.py -q -x \
     > "$OUT/memcheck.log" 2>&1 || status=1

@@ -47,9 +47,11 @@ if command -v ncu >/dev/null; then
     --out "$OUT/profile_gemv.json" >> "$OUT/ncu.log" 2>&1 || status=1
   tail -20 "$OUT/ncu.log"
 fi
+# memcheck slows kernels by 10-100x: the small-shape CUDA tests only, and a
+# time cap so the device call's 600 s are not spent here.
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck "$PY" -m pytest tests/python/test_cuda_ops.py -q -x \
-    > "$OUT/memcheck.log" 2>&1 || status=1
+  timeout 180 compute-sanitizer --tool memcheck "$PY" -m pytest tests/python/test_cuda_ops.py \
+    -q -x -k "not 14336 and not 4096" > "$OUT/memcheck.log" 2>&1 || status=1
   tail -5 "$OUT/memcheck.log"
 fi
 exit $status

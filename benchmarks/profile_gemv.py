@@ -54,7 +54,6 @@ BYTES = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12}
 def launch(manifest: Path, iters_warmup: int = 20) -> None:
     import torch
 
-    import qdec  # noqa: F401  (registers the ops)
     from qdec import ops
     from qdec.benchmarking import (SHAPE_PRESETS, packed_layer, residual_store, run_metadata,
                                    tinygemm_setup)

@@ -4,7 +4,8 @@
 # qdec_link_ops and _with_cuda from there).
 #
 # Targets:
-#   qdec_runtime_core          torch-free: JSON limits, safetensors header, tokenizer
+#   qdec_runtime_core          torch-free: JSON limits, safetensors header, tokenizer,
+#                              qdec tune configs
 #   qdec_runtime               + libtorch: mapped tensors, checkpoint, model, sampler
 #   qdec_infer                 the program (README: "Pure C++ inference")
 #   qdec_runtime_tests         Catch2 tests (ctest name qdec_runtime_tests)
@@ -24,7 +25,7 @@ get_filename_component(_rt "${_rt}" ABSOLUTE)
 get_filename_component(_qdec_root "${CMAKE_CURRENT_LIST_DIR}/.." ABSOLUTE)
 
 add_library(qdec_runtime_core STATIC
-  ${_rt}/json_util.cpp ${_rt}/safetensors_header.cpp ${_rt}/tokenizer.cpp)
+  ${_rt}/json_util.cpp ${_rt}/safetensors_header.cpp ${_rt}/tokenizer.cpp ${_rt}/tune_config.cpp)
 target_include_directories(qdec_runtime_core PUBLIC "${_qdec_root}/csrc")
 target_link_libraries(qdec_runtime_core PUBLIC nlohmann_json::nlohmann_json)
 set_target_properties(qdec_runtime_core PROPERTIES POSITION_INDEPENDENT_CODE ON)

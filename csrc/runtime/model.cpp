@@ -70,7 +70,8 @@ at::Tensor Linear::forward(const at::Tensor& x_in, bool compensate) const {
   at::Tensor y = (kk == 0 || !residual.defined())
                      ? qdec::quantized_matmul(x, qweight, scales, zeros, bits, group_size)
                      : qdec::compensated_linear(x, qweight, scales, zeros, bits, group_size, residual,
-                                                residual_scales, residual_bits, kk);
+                                                residual_scales, residual_bits, kk, std::nullopt,
+                                                sm_budget);
   return bias ? y + bias->to(y.scalar_type()) : y;
 }
 
@@ -231,6 +232,17 @@ void LlamaModel::set_k(const KPolicy& policy) {
                                     " needs a residual store, and this layer has none");
       l->k = k;
     }
+}
+
+void LlamaModel::set_sm_budgets(const std::vector<std::pair<std::string, int64_t>>& budgets) {
+  for (const auto& [key, budget] : budgets)
+    if (budget < 0)
+      throw std::invalid_argument("sm_budget for " + key + " must be >= 0 (0 = automatic), got " +
+                                  std::to_string(budget));
+  for (auto& L : layers_)
+    for (auto* l : L.linears())
+      for (const auto& [key, budget] : budgets)
+        if (l->quantized && suffix_match(l->name, key)) l->sm_budget = budget;
 }
 
 std::vector<const Linear*> LlamaModel::linears() const {

@@ -47,6 +47,7 @@ struct Linear {
   at::Tensor residual, residual_scales;  // undefined without a residual store
   int64_t residual_bits = 0;
   int64_t k = 0;
+  int64_t sm_budget = 0;  // compensated_linear's thread-block cap on CUDA (0 = automatic)
 
   // x [*, K] -> [*, N]; `compensate` false forces k = 0 for this call.
   at::Tensor forward(const at::Tensor& x, bool compensate = true) const;
@@ -79,6 +80,10 @@ class LlamaModel {
   const ModelConfig& config() const { return config_; }
   const RuntimeOptions& options() const { return options_; }
   void set_k(const KPolicy& policy);
+  // sm_budget of every quantized linear a key matches (as KPolicy's
+  // overrides: a projection, a dotted suffix or a full name; later wins);
+  // unmatched layers keep theirs.
+  void set_sm_budgets(const std::vector<std::pair<std::string, int64_t>>& budgets);
   // Every decoder linear, layer by layer, in HF order.
   std::vector<const Linear*> linears() const;
   bool has_residual() const { return has_residual_; }

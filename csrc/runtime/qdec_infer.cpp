@@ -22,6 +22,7 @@
 #include "runtime/model.h"
 #include "runtime/sampling.h"
 #include "runtime/tokenizer.h"
+#include "runtime/tune_config.h"
 
 namespace {
 
@@ -53,6 +54,11 @@ compensation
                          suffix (mlp.down_proj, layers.3.mlp.down_proj) or a full
                          name; repeatable, later ones win
   --no-compensate-prefill  compensate decode steps only (prefill uses k = 0)
+  --tune-config FILE     k (and the CUDA compensation's SM budget) per projection
+                         from a `qdec tune` config (configs/*.json); applied after
+                         --k/--k-for, so it wins for the projections it names
+  --tune-target T        which of the config's targets, e.g. 2.5% (default: the
+                         smallest)
 runtime
   --device DEV           cpu (default) or cuda[:i]
   --dtype T              float32 (default), float16, bfloat16
@@ -78,6 +84,7 @@ struct Args {
   SamplingOptions sampling;
   bool ignore_eos = false, stream = true, quiet = false, compensate_prefill = true;
   KPolicy k;
+  std::string tune_config, tune_target;
   std::string device = "cpu", dtype = "float32";
   int threads = 0;
 };
@@ -156,6 +163,8 @@ Args parse_args(int argc, char** argv) {
         if (eq == std::string::npos || eq == 0) usage_error("--k-for expects NAME=VALUE, got \"" + v + "\"");
         a.k.overrides.emplace_back(v.substr(0, eq), KValue::parse(v.substr(eq + 1)));
       } else if (f == "--no-compensate-prefill") a.compensate_prefill = false;
+      else if (f == "--tune-config") a.tune_config = value();
+      else if (f == "--tune-target") a.tune_target = value();
       else if (f == "--device") a.device = value();
       else if (f == "--dtype") a.dtype = value();
       else if (f == "--threads") a.threads = static_cast<int>(parse_int(f, value(), 1));
@@ -169,6 +178,7 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.model.empty()) usage_error("--model DIR is required");
   if (a.have_prompt == a.have_ids) usage_error("give exactly one of --prompt/--prompt-file and --ids");
+  if (!a.tune_target.empty() && a.tune_config.empty()) usage_error("--tune-target needs --tune-config");
   return a;
 }
 
@@ -238,7 +248,17 @@ int run(const Args& args) {
   ro.dtype = parse_dtype(args.dtype);
   ro.compensate_prefill = args.compensate_prefill;
   LlamaModel model(ckpt, ro);
-  model.set_k(args.k);
+  KPolicy k_policy = args.k;
+  if (!args.tune_config.empty()) {
+    const TuneChoice tuned = read_tune_config(args.tune_config, args.tune_target);
+    for (const auto& [name, fraction] : tuned.fractions)
+      k_policy.overrides.emplace_back(name, KValue{true, fraction});
+    model.set_sm_budgets(tuned.sm_budgets);
+    if (!args.quiet)
+      std::cerr << "qdec_infer: " << args.tune_config << ": target " << tuned.target << ", "
+                << tuned.fractions.size() << " projections tuned\n";
+  }
+  model.set_k(k_policy);
   const double load_s = std::chrono::duration<double>(Clock::now() - t_load0).count();
   const auto& cfg = model.config();
   for (auto id : prompt)

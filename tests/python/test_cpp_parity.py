@@ -302,3 +302,33 @@ def test_errors_are_clear(tiny, tmp_path):
     assert proc.returncode == 1 and "outside the vocabulary" in proc.stderr
     proc = run_infer("--model", str(tiny), "--prompt", "hi", check=False)
     assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
+
+
+def test_tune_config_parity(tiny, tmp_path):
+    """qdec_infer --tune-config applies the k of a `qdec tune` config as
+    `qdec generate --tune-config` does (configure with load_config), and
+    refuses a missing target with the targets present."""
+    import json
+
+    from qdec import tune
+    from qdec.patch import configure
+
+    projections = {name: {"N": 64, "K": 64, "base_us": 10.0, "k": [0, 4, 16],
+                          "compensated_us": [10.0, 10.2, 11.0], "sm_budget": [0, 4, 8]}
+                   for name in ("q_proj", "down_proj", "up_proj")}
+    config = tune.tune({"meta": {"device": "test"}, "format": {}, "shapes": "custom",
+                        "projections": projections}, [0.02, 0.1])
+    path = tune.write_config(config, tmp_path / "tuned.json")
+    ids = [1, 100, 7, 300, 42, 9]
+    cpp_logits, cpp_tokens = cpp_greedy(tiny, ids, 12, tmp_path, "--tune-config", str(path),
+                                        "--tune-target", "10%")
+    model = python_model(tiny)
+    configure(model, k=tune.load_config(path, "10%"))
+    assert json.loads(path.read_text())["targets"]["10%"]["k"]["down_proj"] > 0
+    py_logits, py_tokens = python_greedy(model, ids, 12)
+    assert cpp_tokens == py_tokens
+    assert (cpp_logits - py_logits).abs().max().item() <= LOGIT_ATOL
+
+    proc = run_infer("--model", str(tiny), "--ids", "1", "--tune-config", str(path),
+                     "--tune-target", "5%", check=False)
+    assert proc.returncode == 1 and "tuned.json: no target 5%; the file has [" in proc.stderr

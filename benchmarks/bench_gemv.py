@@ -7,6 +7,8 @@ shares the machine state:
 - ``compensated_linear``: the same plus dynamic compensation of the top
   k = 1% / 5% of K input channels from a 4-bit residual store (pinned host
   memory read zero-copy on CUDA, as deployed);
+- ``residual_gather`` (batch 1): the fetch alone, k scattered rows of the
+  store, so its GB/s can be set against the zero-copy read roof;
 - ``lowrank_linear``: the static low-rank term alone, r = 16/32/64/128;
 - baselines: the dense matmul (cuBLAS fp16 on CUDA, fp32 BLAS on CPU) and, on
   CUDA, torch's int4 tinygemm (``aten._weight_int4pack_mm``, bf16 activations);
@@ -20,7 +22,10 @@ launch overhead, as a decode step pays it; CPU times are medians of
 write (weights, scales, factors, selected residual rows, x and y), so
 ``gb_per_s`` is the effective bandwidth; ``host_bytes`` is the part read over
 PCIe from pinned memory on CUDA. ``ratio_vs_dense`` = median / dense median at
-the same shape and batch (< 1 is faster than dense).
+the same shape and batch (< 1 is faster than dense). On CUDA the same run
+measures the roofs (``roofs``: device-to-device copy, pinned DMA and zero-copy
+reads) and each GEMV row gets ``pct_of_copy_bandwidth``, each fetch row
+``pct_of_zero_copy_read`` (the targets: >= 75 % and >= 80 %).
 
 Writes ``benchmarks/results/bench_gemv_<device>.json`` (atomically) and prints
 a table. Examples::
@@ -43,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 import qdec  # noqa: E402  (registers the ops)
 from qdec.benchmarking import (  # noqa: E402
+    copy_bandwidth,
     packed_layer,
+    pinned_read_bandwidths,
     residual_store,
     run_metadata,
     time_op,
@@ -140,6 +147,16 @@ def run(args) -> dict:
                     wbytes + io + rbytes + N * 4,
                     host_bytes=rbytes if device == "cuda" else 0, k=k)
                 row["overhead_vs_quantized_matmul"] = row["median_us"] / qmm_us[comp_bits]
+                if B == 1:
+                    # The fetch alone: k scattered rows of the store (distinct
+                    # random channels, as outliers are), read zero-copy on CUDA.
+                    channels = torch.randperm(K, generator=gen)[:k].to(device)
+                    hb = k * rwords * 4
+                    record(shape, B, "residual_gather", f"k={k} ({frac:.0%}) r{RESIDUAL_BITS}",
+                           time_op(lambda: qdec.residual_gather(residual, rscales, channels,
+                                                                RESIDUAL_BITS),
+                                   device, iters, warmup),
+                           hb + k * N * 4, host_bytes=hb if device == "cuda" else 0, k=k)
             for r, (la, lb) in factors.items():
                 row = record(shape, B, "lowrank_linear", f"r={r}",
                              time_op(lambda: qdec.ops.lowrank_linear(x, la, lb), device, iters,
@@ -151,10 +168,25 @@ def run(args) -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    # Roofs measured in the same run: a GEMV is judged against the device's
+    # copy bandwidth, the residual fetch against the pinned zero-copy read.
+    roofs: dict = {}
+    if device == "cuda":
+        roofs = {"d2d_copy_bytes_per_s": copy_bandwidth("cuda"),
+                 "pinned_read": pinned_read_bandwidths()}
+        for row in results:
+            if row["op"] in ("quantized_matmul", "tinygemm_int4", "dense"):
+                row["pct_of_copy_bandwidth"] = 100 * row["gb_per_s"] * 1e9 / roofs[
+                    "d2d_copy_bytes_per_s"]
+            if row["op"] == "residual_gather" and roofs["pinned_read"]:
+                fetch = row["host_bytes"] / (row["median_us"] * 1e-6)
+                row["pct_of_zero_copy_read"] = 100 * fetch / roofs["pinned_read"][
+                    "zero_copy_sequential"]
     return {
         **run_metadata(device),
         "dtype": str(dtype),
         "quick": quick,
+        "roofs": roofs,
         "iters": iters,
         "warmup": warmup,
         "group_size": GROUP,

@@ -51,6 +51,23 @@ void dequantize_rows(const PackedWeight& w, int64_t n_begin, int64_t n_end, floa
   for (int64_t n = n_begin; n < n_end; ++n) dequantize_row<BITS>(w, n, out + n * w.K);
 }
 
+// sum_i a[i] * b[i] in float32. Eight independent partial sums give the
+// compiler vectorisable code without -ffast-math (which would let it
+// reassociate freely); the summation order is fixed, so results are
+// deterministic for a given n. (In the packed GEMV, a single running sum, a
+// chain of dependent adds, took a third of the time: 4096 x 4096 on one core
+// went from 20 to 13.5 ms with this.)
+template <typename T>
+inline float dot_f32(const T* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<float>(a[i + u]) * b[i + u];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += static_cast<float>(a[i]) * b[i];
+  return s;
+}
+
 // y[b, n] = sum_k x[b, k] * W[n, k] for n in [n_begin, n_end), all b < B.
 // Each weight row is decoded once into `row_buf` (K floats) and reused for all
 // B activation rows: decode is the expensive part, so it must not scale with B.
@@ -59,12 +76,7 @@ void gemv_rows(const PackedWeight& w, const float* x, int64_t B, int64_t n_begin
                float* y, float* row_buf) {
   for (int64_t n = n_begin; n < n_end; ++n) {
     dequantize_row<BITS>(w, n, row_buf);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* xb = x + b * w.K;
-      float acc = 0.f;
-      for (int64_t k = 0; k < w.K; ++k) acc += xb[k] * row_buf[k];
-      y[b * w.N + n] = acc;
-    }
+    for (int64_t b = 0; b < B; ++b) y[b * w.N + n] = dot_f32(x + b * w.K, row_buf, w.K);
   }
 }
 
@@ -127,21 +139,6 @@ inline void residual_row(const PackedResidual& r, int64_t j, float* out) {
 // weight, the factors are read in their storage type T (float, or the glue's
 // c10::Half / c10::BFloat16: anything static_cast-able to and from float):
 // converting them up front would cost as much memory traffic as the op itself.
-
-// sum_i a[i] * b[i] in float32. Eight independent partial sums give the
-// compiler vectorisable code without -ffast-math (which would let it
-// reassociate freely); the summation order is fixed, so results are
-// deterministic for a given n.
-template <typename T>
-inline float dot_f32(const T* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<float>(a[i + u]) * b[i + u];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += static_cast<float>(a[i]) * b[i];
-  return s;
-}
 
 // Phase 1: t[b, j] = sum_k L_B[j, k] x[b, k] for j in [j_begin, j_end), all
 // b < B (x float32 [B, K], t float32 [B, r]). Each factor row is read once for

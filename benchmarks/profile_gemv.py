@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdec.formats.safetensors_io import write_json_atomic  # noqa: E402
+from qdec.eval.sweep import write_json  # noqa: E402  (atomic, like every benchmark)
 
 METRICS = {
     "gpu__time_duration.sum": "time",
@@ -89,8 +89,7 @@ def launch(manifest: Path, iters_warmup: int = 20) -> None:
         fn()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    write_json_atomic({"meta": run_metadata("cuda"), "labels": [label for label, _ in calls]},
-                      manifest, overwrite=True)
+    write_json({"meta": run_metadata("cuda"), "labels": [label for label, _ in calls]}, manifest)
 
 
 def read_ncu_csv(path: Path) -> list[dict]:
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         launch(Path(args.manifest))
     else:
         result = summarize(Path(args.csv), Path(args.manifest))
-        write_json_atomic(result, Path(args.out), overwrite=True)
+        write_json(result, Path(args.out))
         for label, call in result["calls"].items():
             main_kernel = max(call["kernels"], key=lambda s: s.get("time_us", 0.0), default={})
             print(f"{label:32s} {call['time_us']:8.2f} us  longest: "

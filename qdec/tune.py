@@ -266,8 +266,7 @@ def load_sm_budgets(path: str | Path, target: float | str | None = None) -> dict
     path = Path(path)
     targets = _read_targets(path)
     key = _chosen_key(targets, target)
-    _fractions(path, targets, key)  # the same checks and errors as load_config
-    budgets = targets[key].get("sm_budget") or {}
+    budgets = _target(path, targets, key).get("sm_budget") or {}
     if not isinstance(budgets, dict) or not all(
             isinstance(v, int) and v >= 0 for v in budgets.values()):
         raise ValueError(f"{path}: target {key} has an invalid 'sm_budget' mapping "
@@ -312,11 +311,16 @@ def _chosen_key(targets: dict, target: float | str | None) -> str:
     return _target_key(_parse_target(target))
 
 
-def _fractions(path: Path, targets: dict, key: str) -> dict[str, float]:
-    """The validated ``fraction`` mapping of target ``key``."""
+def _target(path: Path, targets: dict, key: str) -> dict:
+    """Target ``key``'s entry, or an error naming the targets the file has."""
     if key not in targets:
         raise ValueError(f"{path}: no target {key}; the file has {sorted(targets, key=_parse_target)}")
-    fractions = targets[key].get("fraction")
+    return targets[key]
+
+
+def _fractions(path: Path, targets: dict, key: str) -> dict[str, float]:
+    """The validated ``fraction`` mapping of target ``key``."""
+    fractions = _target(path, targets, key).get("fraction")
     if not isinstance(fractions, dict) or not all(
             isinstance(v, (int, float)) and 0 <= v <= 1 for v in fractions.values()):
         raise ValueError(f"{path}: target {key} has no valid 'fraction' mapping "

@@ -165,11 +165,6 @@ __global__ void __launch_bounds__(kGemvThreads)
   }
 }
 
-template <typename F>
-void dispatch_bits_host(int bits, F&& f) {
-  dispatch_bits(bits, f);
-}
-
 }  // namespace
 
 cudaError_t launch_dequantize(const PackedWeightView& w, float* out, cudaStream_t stream) {
@@ -180,7 +175,7 @@ cudaError_t launch_dequantize(const PackedWeightView& w, float* out, cudaStream_
   const auto grid = static_cast<unsigned>((threads + tpb - 1) / tpb);
   dispatch_dtype(w.scale_dtype, [&](auto ts) {
     using TS = decltype(ts);
-    dispatch_bits_host(w.bits, [&]<int BITS>() {
+    dispatch_bits(w.bits, [&]<int BITS>() {
       dequantize_kernel<BITS, TS><<<grid, tpb, 0, stream>>>(w, out);
     });
   });
@@ -205,7 +200,7 @@ cudaError_t launch_gemv(const PackedWeightView& w, const void* x, DType x_dtype,
                   static_cast<unsigned>(B));
   dispatch_dtype(x_dtype, [&](auto tx) {
     using T = decltype(tx);
-    dispatch_bits_host(w.bits, [&]<int BITS>() {
+    dispatch_bits(w.bits, [&]<int BITS>() {
       // Written in x's dtype straight from the kernel for quantized_matmul
       // (no separate cast kernel: at batch 1 a launch costs as much as the
       // GEMV), or float32 for the compensation's combine epilogue.

@@ -126,14 +126,26 @@ cudaError_t launch_residual_gather(const ResidualView& r, const int64_t* channel
   return cudaGetLastError();
 }
 
+// The axpy's launch shape, one place for the launcher and for the SM budget:
+// a thread per 32-output block, kAxpyThreads threads a CTA, grid.y = rows.
+namespace {
+constexpr int kAxpyThreads = 128;
+dim3 axpy_grid(int64_t N, int64_t B, int64_t splits) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  return dim3(static_cast<unsigned>((blocks + kAxpyThreads - 1) / kAxpyThreads),
+              static_cast<unsigned>(std::min<int64_t>(B, 65535)),
+              static_cast<unsigned>(std::max<int64_t>(splits, 1)));
+}
+}  // namespace
+
 int64_t residual_axpy_splits(int64_t k, int64_t N, int64_t B, int64_t sm_budget) {
   // ~4 selected rows per thread: enough independent loads per CTA to cover
   // PCIe latency, few enough partial sums for the combine to stay trivial.
   const int64_t splits = std::clamp<int64_t>((k + 3) / 4, 1, 32);
   if (sm_budget <= 0) return splits;
-  // A split is ceil(N / 32 / 128) CTAs (128 threads, one 32-output block each)
-  // per activation row. Fewer CTAs leave more SMs to the GEMV beside it.
-  const int64_t per_split = std::max<int64_t>(1, (N + 32 * 128 - 1) / (32 * 128) * B);
+  // Fewer CTAs per split leave more SMs to the GEMV beside it.
+  const dim3 one_split = axpy_grid(N, B, 1);
+  const int64_t per_split = std::max<int64_t>(1, int64_t{one_split.x} * one_split.y);
   return std::clamp<int64_t>(sm_budget / per_split, 1, splits);
 }
 
@@ -141,16 +153,12 @@ cudaError_t launch_residual_axpy_partial(const ResidualView& r, const int64_t* c
                                          int64_t k, const void* x, DType x_dtype, int64_t B,
                                          int64_t K, int64_t splits, float* partial,
                                          cudaStream_t stream) {
-  const int64_t blocks = (r.N + kBlock - 1) / kBlock;
-  if (B == 0 || blocks == 0) return cudaSuccess;
-  const int tpb = 128;
-  const dim3 grid(static_cast<unsigned>((blocks + tpb - 1) / tpb),
-                  static_cast<unsigned>(std::min<int64_t>(B, 65535)),
-                  static_cast<unsigned>(std::max<int64_t>(splits, 1)));
+  if (B == 0 || r.N == 0) return cudaSuccess;
+  const dim3 grid = axpy_grid(r.N, B, splits);
   dispatch_dtype(x_dtype, [&](auto tx) {
     using TX = decltype(tx);
     dispatch_bits(r.bits, [&]<int BITS>() {
-      residual_axpy_partial_kernel<BITS, TX><<<grid, tpb, 0, stream>>>(
+      residual_axpy_partial_kernel<BITS, TX><<<grid, kAxpyThreads, 0, stream>>>(
           r, channels, k, static_cast<const TX*>(x), B, K, partial);
     });
   });

@@ -14,7 +14,36 @@
 //   residual_scales float32 [N]: r = (q - 2^(residual_bits-1)) * scale[n]
 //   channels   int64 [*, k], input-channel indices
 // All math accumulates in float32.
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <exception>
+#include <string>
+
+#include "qdec/cpu_decode.h"
+
+namespace {
+
+// The CPU decode kernels' instruction-set level (csrc/include/qdec/cpu_decode.h).
+std::string cpu_isa() {
+  try {
+    return qdec::cpu::isa_name(qdec::cpu::active_isa());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "qdec: ", e.what());
+  }
+}
+
+std::string set_cpu_isa(std::string level) {
+  const std::string previous = cpu_isa();
+  try {
+    qdec::cpu::set_isa(qdec::cpu::parse_isa(level.c_str()));
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "qdec: set_cpu_isa: ", e.what());
+  }
+  return previous;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(qdec, m) {
   // W = (q - z) * s as a dense [N, in_features] tensor of scales' dtype.
@@ -53,4 +82,11 @@ TORCH_LIBRARY(qdec, m) {
   // lowrank_a [N, r], lowrank_b [r, K] in x's dtype; the r-vector t = L_B x is
   // kept in float32 and the output is in x's dtype. r = 0 gives zeros.
   m.def("lowrank_linear(Tensor x, Tensor lowrank_a, Tensor lowrank_b) -> Tensor");
+
+  // The CPU decode kernels' instruction-set level: "scalar", "avx2" or
+  // "avx512" (QDEC_CPU_ISA picks it at start-up; default: the best the CPU
+  // has). set_cpu_isa forces one ("auto" = the best) and returns the previous;
+  // a level the CPU cannot run is an error naming the missing features.
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("set_cpu_isa(str level) -> str", &set_cpu_isa);
 }

@@ -63,3 +63,40 @@ def make_layer(N: int, K: int, bits: int = 4, group_size: int = 32, symmetric: b
     rscales = (torch.rand(N, generator=g) + 0.5) * 0.002
     return Layer(pack_codes(codes, bits), scales, zeros, bits, group_size,
                  pack_codes(rcodes, residual_bits), rscales, residual_bits, N, K)
+
+
+def cpu_decode_atol(x: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """Per-output error bound [B, N] of the CPU decode kernels against the
+    float reference (derivation: csrc/include/qdec/cpu_decode.h).
+
+    The kernels round x to int16 per span, |x_k - x^_k| <= max_row|x| / 65534,
+    so the output moves by at most max|x| / 65534 * sum_k |w_k|. On top, the
+    two float32 sums sum_g s_g d sum q xq and sum_g s_g z_g X_g (each term up
+    to s * 2^bits * |x|) round at 2^-24 per add; 2^-18 * sum_k s_k 2^bits |x_k|
+    covers that with room. x is [B, K] on any device; the bound is on CPU."""
+    from qdec import reference as ref
+    from qdec.packing import expand_groups
+
+    xf = x.detach().float().cpu().reshape(-1, layer.K)
+    args = [t.cpu() if torch.is_tensor(t) else t for t in layer.weight_args()]
+    dense = ref.dequantize_ref(*args, layer.K).float()
+    group = layer.K if layer.group_size == -1 else layer.group_size
+    scale = expand_groups(args[1].float().abs(), group, layer.K)
+    rounding = xf.abs().amax(dim=1, keepdim=True) / 65534 * dense.abs().sum(dim=1)
+    sums = 2.0 ** -18 * (xf.abs() @ (scale * (1 << layer.bits)).t())
+    return rounding + sums
+
+
+def assert_matmul_close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, layer: Layer,
+                        rtol: float) -> None:
+    """got ~ want within the CPU decode bound (cpu_decode_atol) plus `rtol`
+    of |want| for the final cast to x's dtype. Leading dims are flattened."""
+    atol = cpu_decode_atol(x, layer)
+    g = got.detach().float().cpu().reshape(atol.shape)
+    w = want.detach().float().cpu().reshape(atol.shape)
+    err = (g - w).abs()
+    limit = atol + rtol * w.abs()
+    worst = (err - limit).argmax()
+    assert bool((err <= limit).all()), (
+        f"error {err.flatten()[worst].item():.3g} exceeds the bound "
+        f"{limit.flatten()[worst].item():.3g} at flat index {worst.item()}")

@@ -1,7 +1,7 @@
-// Torch-free CPU kernels: raw pointers, sizes, and a half-open range of rows
-// so the ATen glue (csrc/ops/cpu/*.cpp) can split work across threads.
-// Everything here is float32; the glue converts fp16/bf16 inputs once, which
-// costs O(B*K + N*groups), far below the O(N*K) decode work.
+// Torch-free CPU kernels off the decode hot path: raw pointers, sizes, and a
+// half-open range of rows so the ATen glue (csrc/ops/cpu/*.cpp) can split work
+// across threads. The hot path (low-bit GEMV, dequantize, residual
+// compensation) has SIMD levels chosen at run time: qdec/cpu_decode.h.
 #pragma once
 
 #include <algorithm>
@@ -15,48 +15,11 @@
 
 namespace qdec::cpu {
 
-// Geometry of a packed base weight W[N, K] with groups of G along K.
-struct PackedWeight {
-  const uint32_t* qweight;  // [N, words_per_row]
-  const float* scales;      // [N, groups]
-  const float* zeros;       // [N, groups], or nullptr for symmetric
-  int64_t N, K, G, groups, words_per_row;
-};
-
-// Dequantizes row n of W into out[0..K). Group parameters change only at
-// block boundaries because G is a multiple of 32 (or the whole row).
-template <int BITS>
-inline void dequantize_row(const PackedWeight& w, int64_t n, float* out) {
-  const uint32_t* row = w.qweight + n * w.words_per_row;
-  const float* s = w.scales + n * w.groups;
-  const float* z = w.zeros ? w.zeros + n * w.groups : nullptr;
-  const float sym_zero = static_cast<float>(1 << (BITS - 1));
-  uint32_t codes[kBlock];
-  const int64_t blocks = (w.K + kBlock - 1) / kBlock;
-  for (int64_t c = 0; c < blocks; ++c) {
-    unpack_block<BITS>(row + c * BITS, codes);
-    const int64_t k0 = c * kBlock;
-    const int64_t g = k0 / w.G;
-    const float scale = s[g];
-    const float zero = z ? z[g] : sym_zero;
-    const int64_t len = std::min<int64_t>(kBlock, w.K - k0);
-    for (int64_t i = 0; i < len; ++i)
-      out[k0 + i] = (static_cast<float>(codes[i]) - zero) * scale;
-  }
-}
-
-// out[n, :] for n in [n_begin, n_end): the dense float32 weight.
-template <int BITS>
-void dequantize_rows(const PackedWeight& w, int64_t n_begin, int64_t n_end, float* out) {
-  for (int64_t n = n_begin; n < n_end; ++n) dequantize_row<BITS>(w, n, out + n * w.K);
-}
-
 // sum_i a[i] * b[i] in float32. Eight independent partial sums give the
 // compiler vectorisable code without -ffast-math (which would let it
 // reassociate freely); the summation order is fixed, so results are
-// deterministic for a given n. (In the packed GEMV, a single running sum, a
-// chain of dependent adds, took a third of the time: 4096 x 4096 on one core
-// went from 20 to 13.5 ms with this.)
+// deterministic for a given n. (A single running sum, a chain of dependent
+// adds, took a third of the time in the scalar GEMV this replaced.)
 template <typename T>
 inline float dot_f32(const T* a, const float* b, int64_t n) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -68,18 +31,6 @@ inline float dot_f32(const T* a, const float* b, int64_t n) {
   return s;
 }
 
-// y[b, n] = sum_k x[b, k] * W[n, k] for n in [n_begin, n_end), all b < B.
-// Each weight row is decoded once into `row_buf` (K floats) and reused for all
-// B activation rows: decode is the expensive part, so it must not scale with B.
-template <int BITS>
-void gemv_rows(const PackedWeight& w, const float* x, int64_t B, int64_t n_begin, int64_t n_end,
-               float* y, float* row_buf) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    dequantize_row<BITS>(w, n, row_buf);
-    for (int64_t b = 0; b < B; ++b) y[b * w.N + n] = dot_f32(x + b * w.K, row_buf, w.K);
-  }
-}
-
 // Ranking key of |x|: NaN ranks as +inf (like torch.topk, NaN is "largest").
 inline float outlier_key(float v) {
   const float a = std::fabs(v);
@@ -87,17 +38,19 @@ inline float outlier_key(float v) {
 }
 
 // Indices of the k largest |x[0..K)| into out[0..k), by descending |x|,
-// ties to the smaller index. O(K + k log k) with nth_element + sort of the
-// top k. `scratch` holds K int64 values.
+// ties to the smaller index. A selection, not a sort: the ranking keys are
+// computed once into `keys` (K floats), nth_element partitions the K indices
+// in O(K), and only the k winners are sorted (O(k log k)). `scratch` holds K
+// int64 values.
 inline void outlier_select_row(const float* x, int64_t K, int64_t k, int64_t* out,
-                               int64_t* scratch) {
+                               int64_t* scratch, float* keys) {
   if (k == 0) return;
+  for (int64_t i = 0; i < K; ++i) keys[i] = outlier_key(x[i]);
   std::iota(scratch, scratch + K, int64_t{0});
   // A strict total order (key desc, index asc) makes the result unique, so
   // it does not depend on the std:: algorithm's implementation.
-  auto before = [x](int64_t a, int64_t b) {
-    const float ka = outlier_key(x[a]), kb = outlier_key(x[b]);
-    return ka > kb || (ka == kb && a < b);
+  auto before = [keys](int64_t a, int64_t b) {
+    return keys[a] > keys[b] || (keys[a] == keys[b] && a < b);
   };
   if (k < K) std::nth_element(scratch, scratch + k, scratch + K, before);
   std::sort(scratch, scratch + k, before);

@@ -1,6 +1,6 @@
 // Helpers shared by the CPU glue files: turn checked tensors into the
-// torch-free views of csrc/include/qdec/cpu_kernels.h, and the pieces that
-// more than one op is built from.
+// torch-free views of csrc/include/qdec/cpu_kernels.h and cpu_decode.h, and
+// the pieces that more than one op is built from.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,35 +8,22 @@
 #include <optional>
 
 #include "ops/checks.h"
+#include "qdec/cpu_decode.h"
 #include "qdec/cpu_kernels.h"
 
 namespace qdec::cpu {
 
-// Float32 contiguous copies (or the tensors themselves when already so) that
-// must outlive any PackedWeight made from them.
-struct WeightBuffers {
+// Contiguous tensors behind a LowBitWeight view; they must outlive it.
+// Scales and zeros keep their dtype (the kernels convert one row's groups at a
+// time), unless the two differ, in which case both become float32.
+struct WeightTensors {
   at::Tensor qweight, scales, zeros;
 };
 
-inline WeightBuffers weight_buffers(const at::Tensor& qweight, const at::Tensor& scales,
-                                    const std::optional<at::Tensor>& zeros) {
-  WeightBuffers b;
-  b.qweight = qweight.contiguous();
-  b.scales = scales.to(at::kFloat).contiguous();
-  if (zeros) b.zeros = zeros->to(at::kFloat).contiguous();
-  return b;
-}
+WeightTensors weight_tensors(const at::Tensor& qweight, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros);
 
-inline PackedWeight packed_weight(const WeightBuffers& b, const WeightGeometry& g) {
-  return PackedWeight{reinterpret_cast<const uint32_t*>(b.qweight.data_ptr<int32_t>()),
-                      b.scales.data_ptr<float>(),
-                      b.zeros.defined() ? b.zeros.data_ptr<float>() : nullptr,
-                      g.N,
-                      g.K,
-                      g.G,
-                      g.groups,
-                      b.qweight.size(1)};
-}
+LowBitWeight lowbit_weight(const WeightTensors& t, int64_t bits, const WeightGeometry& g);
 
 inline PackedResidual packed_residual(const at::Tensor& residual, const at::Tensor& scales,
                                       const ResidualGeometry& g) {
@@ -55,7 +42,14 @@ at::Tensor quantized_matmul_fp32(const at::Tensor& x2d, const at::Tensor& qweigh
                                  const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                                  int64_t bits, const WeightGeometry& geom);
 
+// Dense float32 W [N, K] through the active level's dequantize kernel.
+at::Tensor dequantize_fp32(const WeightTensors& t, int64_t bits, const WeightGeometry& geom);
+
 // Indices int64 [B, k] of the k largest |x| per row of x2d (float32, contiguous).
 at::Tensor outlier_select_fp32(const at::Tensor& x2d, int64_t k);
+
+// The active level's kernels; a QDEC_CPU_ISA the CPU cannot run becomes a
+// c10::Error naming the missing features.
+const DecodeKernels& active_kernels();
 
 }  // namespace qdec::cpu

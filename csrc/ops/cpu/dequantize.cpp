@@ -1,6 +1,5 @@
 // CPU kernel of qdec::dequantize (schema: csrc/ops/registration.cpp,
 // reference: qdec.reference.dequantize_ref).
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/cpu/common.h"
@@ -14,16 +13,8 @@ at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales,
   check_cpu(qweight, "qweight");
   const auto geom =
       check_packed_weight(qweight, scales, zeros, bits, group_size, in_features, std::nullopt);
-  const auto bufs = weight_buffers(qweight, scales, zeros);
-  const auto w = packed_weight(bufs, geom);
-  auto out = at::empty({geom.N, geom.K}, scales.options().dtype(at::kFloat));
-  float* out_ptr = out.data_ptr<float>();
-  dispatch_bits(static_cast<int>(bits), [&]<int BITS>() {
-    at::parallel_for(0, geom.N, 16, [&](int64_t begin, int64_t end) {
-      dequantize_rows<BITS>(w, begin, end, out_ptr);
-    });
-  });
-  return out.to(scales.scalar_type());
+  return dequantize_fp32(weight_tensors(qweight, scales, zeros), bits, geom)
+      .to(scales.scalar_type());
 }
 
 }  // namespace

@@ -1,0 +1,125 @@
+// x -> int16 spans for the integer dot products of the CPU decode kernels
+// (the math and its error bound: csrc/include/qdec/cpu_decode.h). Portable
+// C++: it is O(B*K), noise beside the O(N*K) weight decode.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "qdec/cpu_decode.h"
+
+namespace qdec::cpu {
+
+int64_t activation_span(int64_t G, int64_t groups) {
+  if (groups <= 1) return 128;
+  // G is a positive multiple of 32 here (checks.h), so one of these divides it.
+  for (int64_t span : {128, 64, 32})
+    if (G % span == 0) return span;
+  return 32;
+}
+
+void load_row_params(const LowBitWeight& w, int64_t n, float* scale, float* zero) {
+  const int64_t off = n * w.groups;
+  auto to_float = [&](const void* base, float* out) {
+    switch (w.param_type) {
+      case ParamType::kFloat32:
+        std::memcpy(out, static_cast<const float*>(base) + off, w.groups * sizeof(float));
+        return;
+      case ParamType::kBFloat16: {
+        const auto* p = static_cast<const uint16_t*>(base) + off;
+        for (int64_t g = 0; g < w.groups; ++g) {
+          const uint32_t bits = static_cast<uint32_t>(p[g]) << 16;
+          std::memcpy(out + g, &bits, sizeof(float));
+        }
+        return;
+      }
+      case ParamType::kFloat16: {
+        const auto* p = static_cast<const uint16_t*>(base) + off;
+        for (int64_t g = 0; g < w.groups; ++g) {
+          // IEEE binary16 -> binary32, subnormals and inf/NaN included.
+          const uint32_t h = p[g];
+          const uint32_t sign = (h & 0x8000u) << 16;
+          const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+          float v;
+          if (exp == 0) {
+            v = std::ldexp(static_cast<float>(mant), -24);
+          } else if (exp == 31) {
+            v = mant ? std::numeric_limits<float>::quiet_NaN()
+                     : std::numeric_limits<float>::infinity();
+          } else {
+            const uint32_t bits = ((exp + 112u) << 23) | (mant << 13);
+            std::memcpy(&v, &bits, sizeof(float));
+          }
+          uint32_t vb;
+          std::memcpy(&vb, &v, sizeof(float));
+          vb |= sign;
+          std::memcpy(out + g, &vb, sizeof(float));
+        }
+        return;
+      }
+    }
+  };
+  to_float(w.scales, scale);
+  if (w.zeros) {
+    to_float(w.zeros, zero);
+  } else {
+    std::fill(zero, zero + w.groups, static_cast<float>(1 << (w.bits - 1)));
+  }
+}
+
+QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, int64_t G,
+                                          int64_t groups, int16_t* xq, float* span_scale,
+                                          float* group_sum) {
+  const int64_t span = activation_span(G, groups);
+  const int64_t blocks = activation_blocks(K);
+  const int64_t padded = blocks * 32;
+  const int64_t spans = activation_spans(K, span);
+  // With one group the row is one group of many spans; otherwise G / span.
+  const int64_t spans_per_group = groups <= 1 ? spans : G / span;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * K;
+    int16_t* qr = xq + b * padded;
+    float* dr = span_scale + b * spans;
+    float* gr = group_sum + b * groups;
+    std::fill(gr, gr + groups, 0.f);
+    for (int64_t sp = 0; sp < spans; ++sp) {
+      const int64_t k0 = sp * span, k1 = std::min(K, k0 + span);
+      const int64_t p1 = std::min(padded, k0 + span);
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float a = std::fabs(xr[k]);
+        finite &= std::isfinite(a);
+        amax = std::max(amax, a);
+      }
+      int64_t isum = 0;
+      if (!finite) {
+        dr[sp] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(qr + k0, qr + p1, int16_t{0});
+      } else if (amax == 0.f) {
+        dr[sp] = 0.f;
+        std::fill(qr + k0, qr + p1, int16_t{0});
+      } else {
+        const float d = amax / 32767.f;
+        const float inv = 32767.f / amax;
+        for (int64_t k = k0; k < k1; ++k) {
+          // |x * inv| <= 32767 up to rounding; the clamp makes it certain.
+          const float v = std::nearbyint(xr[k] * inv);
+          const auto q = static_cast<int16_t>(std::clamp(v, -32767.f, 32767.f));
+          qr[k] = q;
+          isum += q;
+        }
+        std::fill(qr + k1, qr + p1, int16_t{0});
+        dr[sp] = d;
+      }
+      // X_g of the quantized x, so that sum_g s_g (sum q xq d - z X_g) is
+      // exactly sum_k w_k x^_k (cpu_decode.h).
+      const int64_t g = groups <= 1 ? 0 : sp / spans_per_group;
+      gr[g] += dr[sp] * static_cast<float>(isum);
+    }
+  }
+  return QuantizedActivations{xq, span_scale, group_sum, B, blocks, span, spans, spans_per_group,
+                              groups};
+}
+
+}  // namespace qdec::cpu

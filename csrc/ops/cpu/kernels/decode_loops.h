@@ -1,0 +1,178 @@
+// The loops of the CPU decode kernels, written once over an instruction-set
+// "vector" type V and included by each SIMD level file (decode_avx2.cpp,
+// decode_avx512.cpp) inside its own anonymous namespace, after the pragma
+// that switches that file's target. So the loops exist once in the source and
+// once per level in the binary, each compiled for its level, and no inline
+// function is shared between levels (which could let the linker pick an
+// AVX-512 copy for a CPU without it). This file includes nothing: the level
+// file includes what it needs before its target pragma.
+//
+// V provides (a block is 32 codes of one packed row, bitpack.h):
+//   Codes                          one decoded block (codes as 16-bit lanes)
+//   template <int BITS> Decoder    Decoder(); Codes decode(const uint8_t* block) const
+//   static constexpr bool kReadsPastBlock
+//                                  decode may read up to 32 bytes from a block's start,
+//                                  so the row's last block goes through a copy
+//   IAcc, zero_i(), madd(IAcc, Codes, const int16_t* x32)  int32 sums of codes * x
+//   FAcc, zero_f(), fma(FAcc, IAcc, float), hsum(FAcc)      float32 sums
+//   axpy(const Codes&, float a, float* out32)               out += a * codes
+//   dequantize(const Codes&, float zero, float scale, float* out, int len)
+//
+// The math, and why it is integer: csrc/include/qdec/cpu_decode.h.
+
+// A row's packed block c (bits*4 bytes), or a zero-padded copy of it when it
+// is the row's last block and the decoder reads past a block's end.
+template <typename V, int BITS>
+struct RowBlocks {
+  const uint8_t* row;
+  int64_t last;
+  alignas(64) uint8_t tail[64];
+
+  RowBlocks(const uint32_t* words, int64_t blocks) : row(reinterpret_cast<const uint8_t*>(words)), last(blocks - 1) {
+    if (V::kReadsPastBlock) {
+      for (int i = 0; i < 64; ++i) tail[i] = 0;
+      const uint8_t* src = row + last * 4 * BITS;
+      for (int i = 0; i < 4 * BITS; ++i) tail[i] = src[i];
+    }
+  }
+  const uint8_t* block(int64_t c) const {
+    return (V::kReadsPastBlock && c == last) ? tail : row + c * 4 * BITS;
+  }
+};
+
+// One weight row against BT rows of x starting at b0.
+template <typename V, int BITS, int BT>
+inline void gemv_row_tile(const RowBlocks<V, BITS>& rb, const typename V::template Decoder<BITS>& dec,
+                          const float* scale, const float* zero, const QuantizedActivations& x,
+                          int64_t b0, int64_t n, int64_t N, float* y) {
+  const int64_t padded = x.blocks * 32;
+  const int64_t blocks_per_span = x.span / 32;
+  typename V::FAcc tot[BT];
+  for (int t = 0; t < BT; ++t) tot[t] = V::zero_f();
+  for (int64_t g = 0; g < x.groups; ++g) {
+    const int64_t sp_end = (g + 1) * x.spans_per_group < x.spans ? (g + 1) * x.spans_per_group : x.spans;
+    for (int64_t sp = g * x.spans_per_group; sp < sp_end; ++sp) {
+      typename V::IAcc acc[BT];
+      for (int t = 0; t < BT; ++t) acc[t] = V::zero_i();
+      const int64_t c_end = (sp + 1) * blocks_per_span < x.blocks ? (sp + 1) * blocks_per_span : x.blocks;
+      for (int64_t c = sp * blocks_per_span; c < c_end; ++c) {
+        const typename V::Codes q = dec.decode(rb.block(c));
+        for (int t = 0; t < BT; ++t) acc[t] = V::madd(acc[t], q, x.xq + (b0 + t) * padded + c * 32);
+      }
+      for (int t = 0; t < BT; ++t)
+        tot[t] = V::fma(tot[t], acc[t], scale[g] * x.span_scale[(b0 + t) * x.spans + sp]);
+    }
+  }
+  for (int t = 0; t < BT; ++t) {
+    const float* xsum = x.group_sum + (b0 + t) * x.groups;
+    float zero_term = 0.f;
+    for (int64_t g = 0; g < x.groups; ++g) zero_term += scale[g] * zero[g] * xsum[g];
+    y[(b0 + t) * N + n] = V::hsum(tot[t]) - zero_term;
+  }
+}
+
+// Decoding is the expensive part, so x rows go in tiles of 4 (then 2, 1) that
+// share each decoded block; 4 keeps the accumulators in registers on AVX2.
+template <typename V, int BITS>
+void gemv_rows(const LowBitWeight& w, const QuantizedActivations& x, int64_t n_begin,
+               int64_t n_end, float* y, float* scale, float* zero) {
+  const typename V::template Decoder<BITS> dec;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    load_row_params(w, n, scale, zero);
+    const RowBlocks<V, BITS> rb(w.qweight + n * w.words_per_row, x.blocks);
+    int64_t b0 = 0;
+    for (; b0 + 4 <= x.B; b0 += 4) gemv_row_tile<V, BITS, 4>(rb, dec, scale, zero, x, b0, n, w.N, y);
+    if (b0 + 2 <= x.B) {
+      gemv_row_tile<V, BITS, 2>(rb, dec, scale, zero, x, b0, n, w.N, y);
+      b0 += 2;
+    }
+    if (b0 < x.B) gemv_row_tile<V, BITS, 1>(rb, dec, scale, zero, x, b0, n, w.N, y);
+  }
+}
+
+template <typename V, int BITS>
+void dequantize_rows(const LowBitWeight& w, int64_t n_begin, int64_t n_end, float* out,
+                     float* scale, float* zero) {
+  const typename V::template Decoder<BITS> dec;
+  const int64_t blocks = (w.K + 31) / 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    load_row_params(w, n, scale, zero);
+    const RowBlocks<V, BITS> rb(w.qweight + n * w.words_per_row, blocks);
+    float* o = out + n * w.K;
+    for (int64_t c = 0; c < blocks; ++c) {
+      const int64_t g = c * 32 / w.G;
+      const int64_t rest = w.K - c * 32;
+      V::dequantize(dec.decode(rb.block(c)), zero[g], scale[g], o + c * 32,
+                    rest < 32 ? static_cast<int>(rest) : 32);
+    }
+  }
+}
+
+// Tiles of output channels small enough that the accumulator slice stays in
+// L1 while all k selected residual rows stream through it.
+constexpr int64_t kResidualTile = 1024;
+
+template <typename V, int BITS>
+void residual_codes_axpy(const ResidualStore& r, const int64_t* channels, const float* alpha,
+                         int64_t k, int64_t n_begin, int64_t n_end, float* acc) {
+  const typename V::template Decoder<BITS> dec;
+  const int64_t row_blocks = r.words_per_row / BITS;
+  for (int64_t t0 = n_begin; t0 < n_end; t0 += kResidualTile) {
+    const int64_t t1 = t0 + kResidualTile < n_end ? t0 + kResidualTile : n_end;
+    const int64_t c0 = t0 / 32, c1 = (t1 + 31) / 32;
+    for (int64_t i = 0; i < k; ++i) {
+      const uint32_t* words = r.residual + channels[i] * r.words_per_row;
+      const float a = alpha[i];
+      if (V::kReadsPastBlock && c1 - 1 == row_blocks - 1) {
+        const RowBlocks<V, BITS> rb(words, row_blocks);
+        for (int64_t c = c0; c < c1; ++c) V::axpy(dec.decode(rb.block(c)), a, acc + c * 32);
+      } else {
+        const uint8_t* row = reinterpret_cast<const uint8_t*>(words);
+        for (int64_t c = c0; c < c1; ++c) V::axpy(dec.decode(row + c * 4 * BITS), a, acc + c * 32);
+      }
+    }
+  }
+}
+
+// Run-time bit width -> the templates above (a switch, as bitpack.h's
+// dispatch_bits, which this file cannot include: see the top).
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 5: f.template operator()<5>(); break;
+    case 6: f.template operator()<6>(); break;
+    case 7: f.template operator()<7>(); break;
+    case 8: f.template operator()<8>(); break;
+    default: break;
+  }
+}
+
+template <typename V>
+void gemv_entry(const LowBitWeight& w, const QuantizedActivations& x, int64_t n0, int64_t n1,
+                float* y) {
+  // Row parameters in float32: `groups` values each, reused for every row.
+  float* params = new float[2 * w.groups];
+  with_bits(w.bits, [&]<int BITS>() { gemv_rows<V, BITS>(w, x, n0, n1, y, params, params + w.groups); });
+  delete[] params;
+}
+
+template <typename V>
+void dequantize_entry(const LowBitWeight& w, int64_t n0, int64_t n1, float* out) {
+  float* params = new float[2 * w.groups];
+  with_bits(w.bits, [&]<int BITS>() { dequantize_rows<V, BITS>(w, n0, n1, out, params, params + w.groups); });
+  delete[] params;
+}
+
+template <typename V>
+void residual_entry(const ResidualStore& r, const int64_t* channels, const float* alpha, int64_t k,
+                    int64_t n0, int64_t n1, float* acc) {
+  with_bits(r.bits, [&]<int BITS>() { residual_codes_axpy<V, BITS>(r, channels, alpha, k, n0, n1, acc); });
+}
+
+template <typename V>
+constexpr DecodeKernels make_kernels() {
+  return DecodeKernels{&gemv_entry<V>, &dequantize_entry<V>, &residual_entry<V>};
+}

@@ -27,12 +27,21 @@ measures the roofs (``roofs``: device-to-device copy, pinned DMA and zero-copy
 reads) and each GEMV row gets ``pct_of_copy_bandwidth``, each fetch row
 ``pct_of_zero_copy_read`` (the targets: >= 75 % and >= 80 %).
 
+On CPU (``--device cpu``) the run is the CPU decode suite instead: at the
+Llama-3-8B and SmolLM2-135M shapes, for each thread count (``--threads``),
+qdec W4/W3/W2 g128, W4 g32 and W3 + compensation at 2 % of channels, side by
+side with torch fp32 and bf16 ``F.linear``, torch's CPU int4 GEMM and its int8
+weight-only GEMM, all timed in interleaved rounds (every contender once per
+round; medians of wall and CPU time), plus the memory read roof measured in
+the same run at that thread count. ``targets`` summarises issue 15's checks.
+
 Writes ``benchmarks/results/bench_gemv_<device>.json`` (atomically) and prints
 a table. Examples::
 
     python benchmarks/bench_gemv.py --device cuda --batches 1,2,4,8,16
     python benchmarks/bench_gemv.py --device cpu --iters 5      # shared machine
     python benchmarks/bench_gemv.py --quick                      # smoke run
+    python benchmarks/bench_gemv.py --device cpu --threads 1,2 --batches 1,4
 """
 
 from __future__ import annotations
@@ -48,13 +57,18 @@ sys.path.insert(0, str(ROOT))
 
 import qdec  # noqa: E402  (registers the ops)
 from qdec.benchmarking import (  # noqa: E402
+    SHAPE_PRESETS,
     copy_bandwidth,
+    cpu_read_bandwidth,
+    interleaved_medians,
     packed_layer,
     pinned_read_bandwidths,
     residual_store,
     run_metadata,
     time_op,
     tinygemm_setup,
+    torch_int4_cpu_setup,
+    torch_int8_cpu_setup,
 )
 from qdec.eval.sweep import write_json  # noqa: E402
 
@@ -199,6 +213,111 @@ def run(args) -> dict:
     }
 
 
+# ------------------------------------------------------------ the CPU suite
+def cpu_contenders(N: int, K: int, B: int, gen: torch.Generator) -> dict[str, tuple]:
+    """name -> (callable, bytes it must read) for one shape and batch."""
+    x = torch.randn(B, K, generator=gen)
+    xb = x.to(torch.bfloat16)
+    io = B * (K + N) * 4
+    w32 = torch.randn(N, K, generator=gen) * 0.02
+    wb = w32.to(torch.bfloat16)
+    int4, int4_bytes = torch_int4_cpu_setup(N, K, GROUP, gen)
+    int8, int8_bytes = torch_int8_cpu_setup(N, K, gen)
+    c = {
+        "torch fp32 F.linear": (lambda: torch.nn.functional.linear(x, w32), N * K * 4 + io),
+        "torch bf16 F.linear": (lambda: torch.nn.functional.linear(xb, wb), N * K * 2 + io // 2),
+        "torch int4 g128 (bf16 x)": (lambda: int4(xb), int4_bytes + io // 2),
+        "torch int8 (bf16 x)": (lambda: int8(xb), int8_bytes + io // 2),
+    }
+    for bits, group in ((4, GROUP), (3, GROUP), (2, GROUP), (4, 32)):
+        wargs, wbytes = packed_layer(N, K, bits, group, torch.float32, "cpu", gen)
+        c[f"qdec W{bits} g{group}"] = (lambda a=wargs: qdec.quantized_matmul(x, *a), wbytes + io)
+    residual, rscales = residual_store(N, K, RESIDUAL_BITS, "cpu", gen)
+    wargs, wbytes = packed_layer(N, K, 3, GROUP, torch.float32, "cpu", gen)
+    k = max(1, round(0.02 * K))
+    rbytes = B * k * (-(-N // 32) * RESIDUAL_BITS * 4) + N * 4
+    c[f"qdec W3 g{GROUP} (again)"] = (lambda: qdec.quantized_matmul(x, *wargs), wbytes + io)
+    c[f"qdec W3 g{GROUP} + comp 2%"] = (
+        lambda: qdec.compensated_linear(x, *wargs, residual, rscales, RESIDUAL_BITS, k),
+        wbytes + io + rbytes)
+    return c
+
+
+def run_cpu(args) -> dict:
+    shapes = [(n, k, name) for preset in ("llama3-8b", "smollm2-135m")
+              for name, (n, k) in SHAPE_PRESETS[preset].items()]
+    if args.quick:
+        shapes = shapes[1:2]
+    threads_list = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    rounds = args.iters or (3 if args.quick else 15)
+    gen = torch.Generator().manual_seed(0)
+    results, roofs = [], {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        roofs[threads] = cpu_read_bandwidth()
+        print(f"threads {threads}: read roof {roofs[threads] / 1e9:.1f} GB/s", flush=True)
+        for N, K, layer in shapes:
+            for B in batches:
+                contenders = cpu_contenders(N, K, B, gen)
+                times = interleaved_medians({n: f for n, (f, _) in contenders.items()}, rounds)
+                base = times["torch fp32 F.linear"]["wall"]
+                int4 = times["torch int4 g128 (bf16 x)"]["wall"]
+                for name, (_, nbytes) in contenders.items():
+                    t = times[name]
+                    row = dict(threads=threads, shape=f"{N}x{K}", layer=layer, N=N, K=K, batch=B,
+                               op=name, median_us=t["wall"] * 1e6, cpu_us=t["cpu"] * 1e6,
+                               bytes=nbytes, gb_per_s=nbytes / t["wall"] / 1e9,
+                               pct_of_read_roof=100 * nbytes / t["wall"] / roofs[threads],
+                               speedup_vs_fp32=base / t["wall"],
+                               speedup_vs_torch_int4=int4 / t["wall"])
+                    results.append(row)
+                    print(f"t={threads} {row['shape']:>11} B={B:<2} {name:<28} "
+                          f"{row['median_us']:10.1f} us {row['gb_per_s']:6.1f} GB/s "
+                          f"{row['pct_of_read_roof']:5.0f}% roof  x{row['speedup_vs_fp32']:.2f} "
+                          f"vs fp32  x{row['speedup_vs_torch_int4']:.2f} vs int4", flush=True)
+    return {
+        **run_metadata("cpu"),
+        "cpu_isa": qdec.cpu_isa(),
+        "quick": args.quick,
+        "rounds": rounds,
+        "timing": "interleaved rounds (each contender once per round); medians of "
+                  "time.perf_counter (median_us) and time.process_time (cpu_us)",
+        "read_roof_bytes_per_s": {str(t): v for t, v in roofs.items()},
+        "group_size": GROUP,
+        "residual_bits": RESIDUAL_BITS,
+        "results": results,
+        "targets": cpu_targets(results),
+    }
+
+
+def cpu_targets(results: list[dict]) -> list[dict]:
+    """Issue 15's GEMV targets, checked on every (threads, Llama shape) at batch 1."""
+    checks = []
+    by = {}
+    for r in results:
+        by.setdefault((r["threads"], r["shape"], r["batch"]), {})[r["op"]] = r
+    for (threads, shape, batch), ops in sorted(by.items()):
+        if batch != 1 or ops["torch fp32 F.linear"]["layer"] not in SHAPE_PRESETS["llama3-8b"]:
+            continue
+        us = {name: r["median_us"] for name, r in ops.items()}
+        w4, w3, w2 = us["qdec W4 g128"], us["qdec W3 g128"], us["qdec W2 g128"]
+        comp = us["qdec W3 g128 + comp 2%"] / min(us["qdec W3 g128"], us["qdec W3 g128 (again)"])
+        for name, value, goal, ok in (
+            ("W4 vs torch int4 (speedup)", us["torch int4 g128 (bf16 x)"] / w4, ">= 1.0", None),
+            ("W4 vs fp32 F.linear (speedup)", us["torch fp32 F.linear"] / w4, ">= 3.0", None),
+            ("W3 time / W4 time", w3 / w4, "<= 1.0", None),
+            ("W2 time / W3 time", w2 / w3, "<= 1.0", None),
+            ("W4 % of read roof", ops["qdec W4 g128"]["pct_of_read_roof"], ">= 60", None),
+            ("comp 2% time / W3 time", comp, "<= 1.10", None),
+        ):
+            op, bound = goal.split()
+            ok = value >= float(bound) if op == ">=" else value <= float(bound)
+            checks.append(dict(threads=threads, shape=shape, check=name, value=round(value, 3),
+                               goal=goal, met=ok))
+    return checks
+
+
 def print_table(data: dict) -> None:
     print(f"\n{data['device']} | torch {data['torch']} | commit {data['commit']} | "
           f"{data['dtype']} | median of {data['iters']}")
@@ -220,11 +339,28 @@ def main(argv=None) -> int:
     p.add_argument("--comp-bits", type=int, default=3,
                    help="base bits of the compensated_linear configs")
     p.add_argument("--quick", action="store_true", help="one shape, few configs and iterations")
+    p.add_argument("--threads", default="1,2",
+                   help="CPU: comma-separated torch thread counts (default 1,2)")
+    p.add_argument("--isa", choices=["scalar", "avx2", "avx512", "auto"], default=None,
+                   help="CPU: force the decode kernels' level (default: QDEC_CPU_ISA or the best)")
     p.add_argument("--out", type=Path, default=None,
                    help="output JSON (default benchmarks/results/bench_gemv_<device>.json)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.isa:
+        qdec.set_cpu_isa(args.isa)
+    if args.device == "cpu":
+        with torch.inference_mode():
+            data = run_cpu(args)
+        out = args.out or ROOT / "benchmarks" / "results" / "bench_gemv_cpu.json"
+        write_json(data, out)
+        print("\ntargets (batch 1, Llama-3-8B shapes):")
+        for c in data["targets"]:
+            print(f"  t={c['threads']} {c['shape']:>11} {c['check']:<32} {c['value']:>8} "
+                  f"(goal {c['goal']}) {'met' if c['met'] else 'MISSED'}")
+        print(f"\nwrote {out}")
+        return 0
     with torch.inference_mode():
         data = run(args)
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_gemv_{args.device}.json"

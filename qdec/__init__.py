@@ -13,21 +13,25 @@ from . import _C  # noqa: F401  (loads the shared library: registers the ops)
 from . import ops
 from .ops import (
     compensated_linear,
+    cpu_isa,
     dequantize,
     lowrank_linear,
     outlier_select,
     quantized_matmul,
     residual_gather,
+    set_cpu_isa,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compensated_linear",
+    "cpu_isa",
     "dequantize",
     "lowrank_linear",
     "ops",
     "outlier_select",
     "quantized_matmul",
     "residual_gather",
+    "set_cpu_isa",
 ]

@@ -183,3 +183,62 @@ def pinned_read_bandwidths(N: int = 4096, K: int = 14336, residual_bits: int = 4
     gather = time_op(lambda: residual_gather(residual, scales, rows, residual_bits), "cuda",
                      iters, warmup=3)
     return {"bytes": nbytes, "dma_h2d": nbytes / dma, "zero_copy_sequential": nbytes / gather}
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int,
+                        warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each callable, timed in ``rounds``
+    rounds that call every one once, in turn: on a shared or throttling CPU
+    the contenders then see the same machine state, so their ratios hold even
+    when absolute times drift. Returns ``{name: {"wall": s, "cpu": s}}``
+    (CPU time sums all threads of the process)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])}
+            for name in fns}
+
+
+def cpu_read_bandwidth(nbytes: int = 1 << 28, rounds: int = 7) -> float:
+    """Bytes/s at which the current torch thread count streams memory in: the
+    faster of summing a float32 buffer and BLAS sgemv over a float32 matrix,
+    both far larger than the caches (each does one or two flops per 4 bytes,
+    well below what a core retires, so they measure the memory system; which
+    of the two streams better depends on the torch build). The roof a
+    memory-bound CPU GEMV is judged against."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    mat = buf.view(-1, 4096)
+    vec = torch.ones(4096)
+    seconds = min(time_op(lambda: buf.sum(), "cpu", rounds, warmup=2),
+                  time_op(lambda: torch.mv(mat, vec), "cpu", rounds, warmup=2))
+    return nbytes / seconds
+
+
+def torch_int4_cpu_setup(N: int, K: int, group_size: int,
+                         gen: torch.Generator) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """``(fn, weight bytes)`` of torch's CPU int4 GEMM
+    (``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``,
+    bf16 activations): the baseline quantized CPU matmul torch ships."""
+    codes = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=gen)
+    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = ((torch.rand(K // group_size, N, 2, generator=gen) + 0.5) * 0.01).to(torch.bfloat16)
+    fn = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group_size, sz)  # noqa: E731
+    return fn, w.numel() * w.element_size() + sz.numel() * 2
+
+
+def torch_int8_cpu_setup(N: int, K: int,
+                         gen: torch.Generator) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """``(fn, weight bytes)`` of torch's int8 weight-only GEMM
+    (``_weight_int8pack_mm``, per-output-channel scales, bf16 activations)."""
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
+    scales = ((torch.rand(N, generator=gen) + 0.5) * 0.01).to(torch.bfloat16)
+    fn = lambda x: torch.ops.aten._weight_int8pack_mm(x, w, scales)  # noqa: E731
+    return fn, w.numel() + scales.numel() * 2

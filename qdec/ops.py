@@ -27,11 +27,13 @@ from torch import Tensor
 
 __all__ = [
     "compensated_linear",
+    "cpu_isa",
     "dequantize",
     "lowrank_linear",
     "outlier_select",
     "quantized_matmul",
     "residual_gather",
+    "set_cpu_isa",
 ]
 
 
@@ -188,3 +190,19 @@ def _(x, lowrank_a, lowrank_b):
     torch._check(lowrank_a.dtype == x.dtype and lowrank_b.dtype == x.dtype,
                  lambda: "lowrank_a and lowrank_b must have x's dtype")
     return x.new_empty((*x.shape[:-1], lowrank_a.shape[0]))
+
+
+def cpu_isa() -> str:
+    """The instruction-set level of the CPU decode kernels: ``"scalar"``,
+    ``"avx2"`` or ``"avx512"`` (csrc/include/qdec/cpu_decode.h). The
+    environment variable ``QDEC_CPU_ISA`` (scalar | avx2 | avx512 | auto) sets
+    it at start-up; the default is the best level this CPU runs."""
+    return torch.ops.qdec.cpu_isa()
+
+
+def set_cpu_isa(level: str) -> str:
+    """Forces the CPU decode kernels' level for the whole process (``"auto"``
+    = the best this CPU runs) and returns the previous one. A level the CPU
+    cannot run raises RuntimeError naming the missing CPU features."""
+    return torch.ops.qdec.set_cpu_isa(level)
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_layer
+from conftest import cpu_decode_atol, make_layer
 
 from qdec import reference as ref
 from qdec.nn import QDECLinear
@@ -22,7 +22,11 @@ def test_forward_matches_reference_and_bias():
     x = torch.randn(2, 7, 96)
     want = ref.compensated_linear_ref(x, m.qweight, m.scales, m.zeros, 3, 32, m.residual,
                                       m.residual_scales, 4, 5) + m.bias
-    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    # The CPU GEMV rounds x to int16 per span: held to its derived bound
+    # (conftest.cpu_decode_atol, csrc/include/qdec/cpu_decode.h), not 1e-5.
+    same_weights = make_layer(40, 96, 3, 32)  # what build() packed (same seed)
+    atol = cpu_decode_atol(x, same_weights).reshape(2, 7, 40)
+    assert bool(((m(x) - want).abs() <= atol + 1e-5 * want.abs()).all())
 
 
 def test_k_as_fraction_and_bounds():

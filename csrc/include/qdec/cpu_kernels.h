@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -38,22 +39,34 @@ inline float outlier_key(float v) {
 }
 
 // Indices of the k largest |x[0..K)| into out[0..k), by descending |x|,
-// ties to the smaller index. A selection, not a sort: the ranking keys are
-// computed once into `keys` (K floats), nth_element partitions the K indices
-// in O(K), and only the k winners are sorted (O(k log k)). `scratch` holds K
-// int64 values.
+// ties to the smaller index. A selection, not a sort, and no index-chasing
+// comparator over all K: the ranking keys go into `keys` (K floats), the k-th
+// largest key is found by nth_element on plain floats (O(K)), one pass
+// collects every index above it plus, in index order, as many at it as fit
+// (so ties go to the smaller index), and only those k are sorted
+// (O(k log k)). `scratch` holds K int64 values, `work` K floats.
 inline void outlier_select_row(const float* x, int64_t K, int64_t k, int64_t* out,
-                               int64_t* scratch, float* keys) {
+                               int64_t* scratch, float* keys, float* work) {
   if (k == 0) return;
   for (int64_t i = 0; i < K; ++i) keys[i] = outlier_key(x[i]);
-  std::iota(scratch, scratch + K, int64_t{0});
-  // A strict total order (key desc, index asc) makes the result unique, so
-  // it does not depend on the std:: algorithm's implementation.
-  auto before = [keys](int64_t a, int64_t b) {
+  std::copy(keys, keys + K, work);
+  std::nth_element(work, work + (k - 1), work + K, std::greater<float>());
+  const float threshold = work[k - 1];
+  int64_t above = 0;
+  for (int64_t i = 0; i < K; ++i) above += keys[i] > threshold;
+  int64_t n = 0, ties_left = k - above;
+  for (int64_t i = 0; i < K && n < k; ++i) {
+    if (keys[i] > threshold) {
+      scratch[n++] = i;
+    } else if (keys[i] == threshold && ties_left > 0) {
+      scratch[n++] = i;
+      --ties_left;
+    }
+  }
+  // A strict total order (key desc, index asc) makes the result unique.
+  std::sort(scratch, scratch + k, [keys](int64_t a, int64_t b) {
     return keys[a] > keys[b] || (keys[a] == keys[b] && a < b);
-  };
-  if (k < K) std::nth_element(scratch, scratch + k, scratch + K, before);
-  std::sort(scratch, scratch + k, before);
+  });
   std::copy(scratch, scratch + k, out);
 }
 

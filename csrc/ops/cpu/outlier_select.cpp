@@ -17,9 +17,10 @@ at::Tensor outlier_select_fp32(const at::Tensor& x2d, int64_t k) {
   int64_t* out_ptr = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> scratch(K);
-    std::vector<float> keys(K);
+    std::vector<float> keys(K), work(K);
     for (int64_t b = begin; b < end; ++b)
-      outlier_select_row(x_ptr + b * K, K, k, out_ptr + b * k, scratch.data(), keys.data());
+      outlier_select_row(x_ptr + b * K, K, k, out_ptr + b * k, scratch.data(), keys.data(),
+                         work.data());
   });
   return out;
 }

@@ -104,6 +104,8 @@ struct DecodeKernels {
   // acc[n] += sum_i alpha[i] * q[channels[i], n] for n in [n_begin, n_end)
   // (n_begin a multiple of 32): the undecoded compensation sum; the caller
   // finishes y[n] += scale[n] * (acc[n] - 2^(bits-1) * sum_i alpha[i]).
+  // SIMD levels update whole 32-value blocks, so acc must hold
+  // ceil(N / 32) * 32 floats (the values past N stay unused).
   void (*residual_codes_axpy)(const ResidualStore& r, const int64_t* channels,
                               const float* alpha, int64_t k, int64_t n_begin, int64_t n_end,
                               float* acc);

@@ -137,8 +137,9 @@ def test_pinned_host_residual_with_strided_scales():
                                            4, 64)
             got = qdec.compensated_linear(x, *gpu.weight_args(), residual, scales, 4, 64)
             assert torch.equal(got, want), name
-            assert torch.equal(qdec.residual_gather(residual, scales, channels, 4),
-                               qdec.residual_gather(residual, scales.contiguous(), channels, 4)), name
+            gathered = qdec.residual_gather(residual, scales, channels, 4)
+            assert torch.equal(gathered, qdec.residual_gather(residual, scales.contiguous(),
+                                                              channels, 4)), name
 
 
 def test_strided_pinned_host_residual_is_refused():

@@ -117,7 +117,7 @@ def gemv_numbers(work: Path) -> dict:
 def layer_numbers(name: str):
     def extract(work: Path) -> dict:
         data = _load(work / name)
-        return {"ratios": data["ratios"], "layer_us": data["layer_us"]} if data else {}
+        return {k: data.get(k) for k in ("ratios", "layer_us", "outlier_select_us")} if data else {}
     return extract
 
 

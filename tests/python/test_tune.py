@@ -247,4 +247,7 @@ def test_decode_layer_benchmark_runs_on_cpu(tmp_path):
                                      "qdec_w3_tuned_5%"}
     assert data["tinygemm"]["available"] is False and "CUDA" in data["tinygemm"]["reason"]
     assert {"comp_vs_w3", "w3_vs_w4", "tuned_5%_vs_w3"} <= set(data["ratios"])
+    # SmolLM2's widths, k = 8 per 1024 (at least 1).
+    assert set(data["outlier_select_us"]) == {"K=576 k=4", "K=1536 k=12"}
+    assert all(t > 0 for t in data["outlier_select_us"].values())
     assert data["commit"] and data["torch"]

@@ -62,30 +62,45 @@ def use_cuda() -> bool:
     return available
 
 
+# The sources are C++20 (template lambdas, designated initializers). Passed
+# explicitly because torch's BuildExtension adds its own default standard only
+# when none is given, and that default is -std=c++17 in torch 2.11 (the GPU
+# machine's) but -std=c++20 in 2.13 (CI's). nvcc refuses two -std flags, which
+# is why torch looks for one before adding its own.
+CXX_STD = "-std=c++20"
+
+
+def compile_args(cuda: bool) -> dict[str, list[str]]:
+    """extra_compile_args of the extension; .ci/torch_build_flags.py reads it
+    to compile the sources with the flags an older torch would pass."""
+    debug = os.environ.get("QDEC_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    args = {"cxx": opt + [CXX_STD, "-fvisibility=hidden"]}
+    if cuda:
+        args["nvcc"] = opt + [CXX_STD, "--threads", os.environ.get("NVCC_THREADS", "4"),
+                              "-lineinfo", "--expt-relaxed-constexpr"]
+    return args
+
+
 def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = read_sources()
-    debug = os.environ.get("QDEC_DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
     include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
-    cxx = opt + ["-fvisibility=hidden"]
     files = sources["cpu"] + ["csrc/python/module.cpp"]
     if use_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
-        nvcc = opt + ["--threads", os.environ.get("NVCC_THREADS", "4"), "-lineinfo",
-                      "--expt-relaxed-constexpr"]
         return [
             CUDAExtension(
                 "qdec._C",
                 files + sources.get("cuda", []),
                 include_dirs=include_dirs,
                 define_macros=[("QDEC_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_compile_args=compile_args(cuda=True),
             )
         ]
     return [CppExtension("qdec._C", files, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx})]
+                         extra_compile_args=compile_args(cuda=False))]
 
 
 def main() -> None:

@@ -6,7 +6,13 @@
 # The CPU torch wheel ships the c10/cuda headers but not the generated
 # c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in is put first on the
 # include path (it only tells c10 that it is built as a shared library).
-# Environment: QDEC_CI_CUDA_ARCH (default sm_90), NVCC (default nvcc), PYTHON.
+# The flags are those torch's BuildExtension would pass for setup.py's
+# extension (.ci/torch_build_flags.py), so a standard or macro that torch adds
+# (-std, -D__CUDA_NO_HALF_OPERATORS__) is checked too.
+# Environment: QDEC_CI_CUDA_ARCH (default sm_90), NVCC (default nvcc), PYTHON;
+# QDEC_TORCH_DIR, a torch package directory (its include/ and
+# utils/cpp_extension.py) to check against instead of the installed torch's
+# (.ci/check_torch211.sh passes torch 2.11's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -18,7 +24,10 @@ if [ ${#SOURCES[@]} -eq 0 ]; then
   exit 0
 fi
 command -v "$NVCC" >/dev/null || { echo "nvcc not found: cannot check CUDA sources" >&2; exit 1; }
-TORCH=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+TORCH=${QDEC_TORCH_DIR:-$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')}
+mapfile -t FLAGS < <("$PY" .ci/torch_build_flags.py "$TORCH/utils/cpp_extension.py" nvcc)
+[ ${#FLAGS[@]} -gt 0 ] || { echo "no nvcc flags from .ci/torch_build_flags.py" >&2; exit 1; }
+echo "torch headers: $TORCH/include; flags: ${FLAGS[*]}"
 SHIM=$(mktemp -d)
 trap 'rm -rf "$SHIM"' EXIT
 mkdir -p "$SHIM/c10/cuda/impl"
@@ -26,8 +35,8 @@ printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$SHIM/c10/cuda/im
 failed=0
 for src in "${SOURCES[@]}"; do
   echo "nvcc -arch=$ARCH $src"
-  if ! "$NVCC" -std=c++20 -arch="$ARCH" -c "$src" -o "$SHIM/$(basename "$src").o" \
-      --expt-relaxed-constexpr -DQDEC_WITH_CUDA=1 -Xcompiler -fPIC \
+  if ! "$NVCC" "${FLAGS[@]}" -arch="$ARCH" -c "$src" -o "$SHIM/$(basename "$src").o" \
+      -DQDEC_WITH_CUDA=1 -Xcompiler -fPIC \
       -I"$SHIM" -I"$TORCH/include" -I"$TORCH/include/torch/csrc/api/include" \
       -Icsrc/include -Icsrc 2> "$SHIM/log"; then
     grep -v "Wc++20-extensions\|bit-fields only available" "$SHIM/log" | grep -B2 -A6 "error" >&2 || cat "$SHIM/log" >&2

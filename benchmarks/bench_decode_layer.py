@@ -15,6 +15,9 @@ copy bandwidth (the roof of a memory-bound GEMV) and the pinned-host read
 roofs (DMA copy and the kernel's own sequential zero-copy read) against which
 the residual fetch is judged.
 
+``outlier_select_us``: the selection alone (``outlier_select``, batch 1) at
+each input width of the layer, k = 8 per 1024 (target at K = 14336: < 3 us).
+
 Ratios (``ratios``): ``comp_vs_w3`` = compensated layer / 3-bit layer (target
 <= 1.10 on H100), ``comp_vs_tinygemm`` = compensated 3-bit layer / tinygemm
 4-bit layer (target <= 0.6), ``w3_vs_w4`` and ``w4_vs_tinygemm`` (GEMV).
@@ -118,6 +121,14 @@ def run(args) -> dict:
         per_projection[cfg] = {n: time_op(f, device, iters, warmup) * 1e6
                                for n, f in calls.items()}
         print(f"{cfg:<24} layer {layer_us[cfg]:10.1f} us", flush=True)
+    # The selection that compensated_linear runs first, timed alone per width.
+    gen = torch.Generator().manual_seed(1)
+    outlier_select_us = {}
+    for K in sorted({K for _, K in shapes.values()}):
+        k = max(1, round(K_PER_1024 * K / 1024))
+        x = torch.randn(1, K, generator=gen).to(device, dtype)
+        outlier_select_us[f"K={K} k={k}"] = time_op(lambda x=x, k=k: ops.outlier_select(x, k),
+                                                    device, iters, warmup) * 1e6
     ratios = {
         "comp_vs_w3": layer_us["qdec_w3_comp"] / layer_us["qdec_w3"],
         "w3_vs_w4": layer_us["qdec_w3"] / layer_us["qdec_w4"],
@@ -136,6 +147,7 @@ def run(args) -> dict:
             "compensation_k_per_1024": K_PER_1024, "tune_config": args.tune_config,
             "tinygemm": {"available": "tinygemm_int4" in layer_us, "reason": tinygemm_reason},
             "layer_us": layer_us, "per_projection_us": per_projection, "ratios": ratios,
+            "outlier_select_us": outlier_select_us,
             "roofs": roofs}
 
 

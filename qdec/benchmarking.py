@@ -8,6 +8,7 @@ on the shapes, bit widths and k.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import subprocess
@@ -43,7 +44,11 @@ SHAPE_PRESETS = {"llama3-8b": LLAMA3_8B_LINEARS, "smollm2-135m": SMOLLM2_135M_LI
 
 
 def git_commit() -> str:
-    """Short commit of the checkout this code runs from, or ``unknown``."""
+    """Short commit of the checkout this code runs from, or ``unknown``.
+    ``QDEC_COMMIT`` comes first: a copied tree (the GPU machine's) may have
+    neither git nor .git, and benchmarks/gpu_run.py sets it for its steps."""
+    if os.environ.get("QDEC_COMMIT"):
+        return os.environ["QDEC_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)

@@ -10,7 +10,10 @@ import torch
 import qdec  # noqa: F401  (registers the ops)
 from qdec.packing import pack_codes
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The cuda parameter carries the `cuda` marker, as do the CUDA-only tests, so
+# that benchmarks/gpu_run.sh runs exactly the tests that need the GPU (-m cuda).
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)]
+                     if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=DEVICES)
@@ -51,18 +54,24 @@ class Layer:
 
 
 def make_layer(N: int, K: int, bits: int = 4, group_size: int = 32, symmetric: bool = False,
-               residual_bits: int = 4, seed: int = 0) -> Layer:
+               residual_bits: int = 4, seed: int = 0, residual: bool = True) -> Layer:
     """Random codes with scales ~ a real layer's (|w| ~ 0.02) and a residual of
-    about a tenth of that magnitude."""
+    about a tenth of that magnitude. residual=False leaves the store out (an
+    empty [K, 0] one, same weights) for tests of the weight alone, where
+    packing K x N residual codes would be most of the cost."""
     g = torch.Generator().manual_seed(seed)
     groups = 1 if group_size == -1 else -(-K // group_size)
     codes = torch.randint(0, 1 << bits, (N, K), generator=g)
     scales = (torch.rand(N, groups, generator=g) + 0.5) * 0.02 / (1 << (bits - 1))
     zeros = None if symmetric else torch.randint(0, 1 << bits, (N, groups), generator=g).float()
-    rcodes = torch.randint(0, 1 << residual_bits, (K, N), generator=g)
-    rscales = (torch.rand(N, generator=g) + 0.5) * 0.002
+    if residual:  # drawn after the weight, so the weight does not depend on it
+        rcodes = torch.randint(0, 1 << residual_bits, (K, N), generator=g)
+        rstore = pack_codes(rcodes, residual_bits)
+        rscales = (torch.rand(N, generator=g) + 0.5) * 0.002
+    else:
+        rstore, rscales = torch.zeros(K, 0, dtype=torch.int32), torch.zeros(0)
     return Layer(pack_codes(codes, bits), scales, zeros, bits, group_size,
-                 pack_codes(rcodes, residual_bits), rscales, residual_bits, N, K)
+                 rstore, rscales, residual_bits, N, K)
 
 
 def cpu_decode_atol(x: torch.Tensor, layer: Layer) -> torch.Tensor:
@@ -100,3 +109,28 @@ def assert_matmul_close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, 
     assert bool((err <= limit).all()), (
         f"error {err.flatten()[worst].item():.3g} exceeds the bound "
         f"{limit.flatten()[worst].item():.3g} at flat index {worst.item()}")
+
+
+def strided_residual_stores(residual, residual_scales):
+    """The same residual store as non-contiguous tensors: (name, residual,
+    residual_scales). Each must give the bits of the contiguous store; the
+    kernels read raw pointers, so the glue has to keep its contiguous copies
+    alive while they run (issue 14: it once kept pointers into temporaries)."""
+    K, words = residual.shape
+    N = residual_scales.numel()
+    every_other = residual_scales.new_zeros(2 * N)
+    every_other[::2] = residual_scales
+    column = torch.stack([residual_scales, -residual_scales], dim=1)[:, 0]
+    wide = residual.new_zeros(K, words + 3)
+    wide[:, 1:words + 1] = residual
+    transposed = residual.t().contiguous().t()
+    cases = [("scales_step2", residual, every_other[::2]),
+             ("scales_column", residual, column),
+             ("scales_expand", residual, residual_scales[:1].expand(N)),
+             ("residual_column_slice", wide[:, 1:words + 1], residual_scales),
+             ("both_strided", wide[:, 1:words + 1], every_other[::2])]
+    if words > 1:  # a [K, 1] transpose is still contiguous
+        cases.append(("residual_transposed", transposed, column))
+    for name, r, s in cases:
+        assert not (r.is_contiguous() and s.is_contiguous()), name
+    return cases

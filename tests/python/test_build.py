@@ -1,9 +1,13 @@
 """The build's single source list (csrc/sources.txt) covers every kernel file,
-so setup.py and CMakeLists.txt, which both read it, cannot drift apart."""
+so setup.py and CMakeLists.txt, which both read it, cannot drift apart; and
+the C++ standard reaches the compilers whatever torch's default."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+import torch.utils.cpp_extension
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,3 +27,22 @@ def test_every_op_source_is_listed():
 def test_cmake_and_setup_read_the_same_list():
     assert "sources.txt" in (ROOT / "CMakeLists.txt").read_text()
     assert "sources.txt" in (ROOT / "setup.py").read_text()
+
+
+def test_the_cxx_standard_is_ours_not_torchs_default():
+    # Torch adds its default -std only when none is given (2.11: c++17, too
+    # old for these sources; 2.13: c++20). .ci/torch_build_flags.py runs that
+    # rule from torch's own cpp_extension.py, here the installed torch's;
+    # .ci/check_torch211.sh runs it from torch 2.11's and compiles with it.
+    sys.path[:0] = [str(ROOT / ".ci"), str(ROOT)]  # the scripts, not packages
+    import setup
+    import torch_build_flags
+
+    cpp_extension = Path(torch.utils.cpp_extension.__file__)
+    _, add_default_std = torch_build_flags.load_torch_rules(cpp_extension)
+    bare = ["-O3"]
+    add_default_std(bare)
+    assert len(bare) == 2 and bare[1].startswith("-std=c++")  # the rule ran
+    for kind in ("cxx", "nvcc"):
+        flags = torch_build_flags.build_flags(cpp_extension, kind)
+        assert [f for f in flags if f.startswith("-std=")] == [setup.CXX_STD], kind

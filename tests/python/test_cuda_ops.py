@@ -4,17 +4,19 @@ CPU kernel. The device-generic tests in test_ops.py also run on CUDA."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import make_layer
+from conftest import make_layer, strided_residual_stores
 
 import qdec
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -74,6 +76,13 @@ def test_compensation_overlap_off_gives_the_same_bits(tmp_path):
 
 
 # ------------------------------------------------------------ quantized GEMV
+@functools.lru_cache(maxsize=None)
+def gemv_layer(N, K, bits):
+    # Built once per shape and shared by its dtype and batch cases (24 per
+    # Llama shape); without the residual store, which the GEMV never reads.
+    return make_layer(N, K, bits, 128, residual=False)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("N,K,batch", [(1024, 4096, 1), (301, 14336, 1), (301, 14336, 4)])
@@ -82,7 +91,7 @@ def test_gemv_llama_widths_match_cpu(bits, dtype, N, K, batch):
     # leaves a CTA with one of its four rows. Both sides see the same fp16/bf16
     # inputs and accumulate in float32 in different orders (~1e-6 relative),
     # then round once to the dtype: two ulps of the dtype at the output scale.
-    layer = make_layer(N, K, bits, 128)
+    layer = gemv_layer(N, K, bits)
     x = torch.randn(batch, K).to(dtype)
     cpu = layer.to("cpu", dtype)
     want = qdec.quantized_matmul(x, *cpu.weight_args()).float()
@@ -114,6 +123,37 @@ def test_pageable_host_residual_is_refused():
                                 layer.residual, layer.residual_scales.cuda(), 4, 4)
 
 
+def test_pinned_host_residual_with_strided_scales():
+    # The deployment path (pinned host residual, scales on the GPU) with
+    # non-contiguous scales: the glue's contiguous copy must outlive the kernel.
+    layer = make_layer(300, 1024, 3, 128)
+    gpu = layer.to("cuda", torch.float32)
+    residual = layer.residual.pin_memory()
+    x = torch.randn(2, 1024, device="cuda")
+    channels = torch.randint(0, 1024, (2, 64), device="cuda")
+    for name, _, scales in strided_residual_stores(layer.residual, gpu.residual_scales):
+        if not scales.is_contiguous():
+            want = qdec.compensated_linear(x, *gpu.weight_args(), residual, scales.contiguous(),
+                                           4, 64)
+            got = qdec.compensated_linear(x, *gpu.weight_args(), residual, scales, 4, 64)
+            assert torch.equal(got, want), name
+            gathered = qdec.residual_gather(residual, scales, channels, 4)
+            assert torch.equal(gathered, qdec.residual_gather(residual, scales.contiguous(),
+                                                              channels, 4)), name
+
+
+def test_strided_pinned_host_residual_is_refused():
+    # Its contiguous copy would be pageable memory, which no kernel can read.
+    layer = make_layer(64, 128)
+    gpu = layer.to("cuda", torch.float32)
+    words = layer.residual.shape[1]
+    wide = torch.zeros(128, words + 1, dtype=torch.int32).pin_memory()
+    wide[:, :words] = layer.residual
+    with pytest.raises(RuntimeError, match="CPU residual must be contiguous"):
+        qdec.compensated_linear(torch.randn(1, 128, device="cuda"), *gpu.weight_args(),
+                                wide[:, :words], gpu.residual_scales, 4, 4)
+
+
 def test_compensated_linear_cuda_graph_capture():
     layer = make_layer(256, 512, 3, 128)
     gpu = layer.to("cuda", torch.float16)
@@ -135,16 +175,30 @@ def test_compensated_linear_cuda_graph_capture():
 
 
 # ------------------------------------------------------------- lowrank_linear
+@functools.lru_cache(maxsize=None)
 def _lowrank_factors(N, K, r, dtype, seed=0):
+    # Cached: built once per shape and dtype, shared by the batch cases.
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(N, r, generator=g) / max(r, 1) ** 0.5
     b = torch.randn(r, K, generator=g) / K ** 0.5
     return a.to(dtype), b.to(dtype)
 
 
+def _lowrank_ref(x, a, b):
+    # Factored, in float64: x·Bᵀ then ·Aᵀ costs B·r·(N + K), where the dense
+    # A·B of a 4096x14336 layer costs N·r·K per case. Both orders agree to
+    # float64 rounding, far below the tolerances.
+    return (x.double() @ b.double().t()) @ a.double().t()
+
+
+# Named ids (4096x14336r16): the memcheck step of benchmarks/gpu_run.sh leaves
+# out the large shapes by their size in the test id.
+LOWRANK_SHAPES = [(4096, 4096, 128), (1024, 4096, 16), (4096, 14336, 16), (4096, 14336, 128),
+                  (33, 100, 5), (7, 45, 1)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(4096, 4096, 128), (1024, 4096, 16), (4096, 14336, 16),
-                                   (4096, 14336, 128), (33, 100, 5), (7, 45, 1)])
+@pytest.mark.parametrize("shape", LOWRANK_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}r{s[2]}")
 @pytest.mark.parametrize("batch", [1, 4, 16])
 def test_lowrank_linear_cuda_matches_float64(dtype, shape, batch):
     # Llama-3-8B shapes (vectorised loads, several K chunks in phase 1) and odd
@@ -153,7 +207,7 @@ def test_lowrank_linear_cuda_matches_float64(dtype, shape, batch):
     a, b = _lowrank_factors(N, K, r, dtype)
     x = torch.randn(batch, K).to(dtype)
     got = qdec.ops.lowrank_linear(x.cuda(), a.cuda(), b.cuda())
-    want = x.double() @ (a.double() @ b.double()).t()
+    want = _lowrank_ref(x, a, b)
     # float32 accumulation (rtol 1e-5) plus one rounding to the output dtype.
     rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=1e-5 * want.abs().max())
@@ -165,7 +219,7 @@ def test_lowrank_linear_cuda_gemm_fallback_and_large_rank():
         a, b = _lowrank_factors(300, 4096, r, torch.float16, seed=1)
         x = torch.randn(batch, 4096).half()
         got = qdec.ops.lowrank_linear(x.cuda(), a.cuda(), b.cuda())
-        want = x.double() @ (a.double() @ b.double()).t()
+        want = _lowrank_ref(x, a, b)
         torch.testing.assert_close(got.cpu().double(), want, rtol=1e-3,
                                    atol=1e-5 * want.abs().max())
 

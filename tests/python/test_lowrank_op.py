@@ -155,6 +155,7 @@ def test_errors_name_the_argument_and_values():
         op(torch.tensor(1.0), a, b)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_error_on_mixed_devices():
     a, b = factors(7, 45, 5, torch.float32, "cpu")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_matmul_close, make_layer
+from conftest import assert_matmul_close, make_layer, strided_residual_stores
 
 import qdec
 from qdec import reference as ref
@@ -167,6 +167,23 @@ def test_residual_gather_empty_selection(device):
     assert qdec.residual_gather(layer.residual, layer.residual_scales, channels, 4).shape == (2, 0, 16)
 
 
+@pytest.mark.parametrize("op", ["residual_gather", "compensated_linear"])
+def test_strided_residual_store_gives_the_contiguous_bits(device, op):
+    layer = make_layer(100, 96, 3, 32).to(device, torch.float32)
+    channels = torch.randint(0, 96, (4, 24), device=device)
+    x = torch.randn(4, 96, device=device)
+
+    def run(residual, residual_scales):
+        if op == "residual_gather":
+            return qdec.residual_gather(residual, residual_scales, channels, 4)
+        return qdec.compensated_linear(x, *layer.weight_args(), residual, residual_scales, 4, 24)
+
+    # Scales of the expand case are all equal: compare each case with its own
+    # contiguous copy, which holds the same values.
+    for name, r, s in strided_residual_stores(layer.residual, layer.residual_scales):
+        assert torch.equal(run(r, s), run(r.contiguous(), s.contiguous())), name
+
+
 # ---------------------------------------------------------------- compensated_linear
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,residual_bits", [(2, 4), (3, 4), (4, 8), (3, 2)])
@@ -311,6 +328,7 @@ def test_errors_name_the_argument_and_values():
         qdec.compensated_linear(x, *w, *other.residual_args(), 3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_error_on_mixed_devices():
     layer = make_layer(16, 64)

@@ -1,7 +1,7 @@
 """``qdec tune``: the choice of k (pure logic, synthetic timings), the config
-file (round trip and bad input), a CPU measurement end to end, its use by
-``qdec eval``, and the decode-layer benchmark script's logic. No timing is
-asserted: speed targets live in the benchmarks."""
+file (round trip and bad input), a measurement on each device, the CLI end to
+end on CPU, its use by ``qdec eval``, and the decode-layer benchmark script's
+logic. No timing is asserted: speed targets live in the benchmarks."""
 
 from __future__ import annotations
 
@@ -175,13 +175,14 @@ def test_load_config_errors(tmp_path):
         tune.load_config(path, "5%")
 
 
-# ------------------------------------------------------------ measured on CPU
-def test_measure_on_cpu_and_cli(tmp_path, capsys):
+# ------------------------------------------------------------ measured
+def test_measure(device):
+    # On every device (the cuda case runs in benchmarks/gpu_run.sh's test step).
     shapes = {"q_proj": (64, 96), "down_proj": (48, 160)}
-    m = tune.measure("cpu", bits=3, group_size=32, residual_bits=4, shapes=shapes,
+    m = tune.measure(device, bits=3, group_size=32, residual_bits=4, shapes=shapes,
                      per_1024=(0, 64, 256), sm_budgets=(0, 2), iters=1, warmup=0,
                      progress=False)
-    assert m["shapes"] == "custom" and m["meta"]["device_type"] == "cpu"
+    assert m["shapes"] == "custom" and m["meta"]["device_type"] == device
     q = m["projections"]["q_proj"]
     assert q["k"] == [0, 6, 24] and len(q["compensated_us"]) == 3 and q["base_us"] > 0
     assert set(q["by_sm_budget"]) == {"0", "2"} and q["sm_budget"][0] == 0
@@ -193,6 +194,8 @@ def test_measure_on_cpu_and_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown shape preset"):
         tune.measure("cpu", shapes="gpt-5")
 
+
+def test_tune_cli_on_cpu(tmp_path, capsys):
     out = tmp_path / "tuned.json"
     assert main(["tune", "--device", "cpu", "--shapes", "smollm2-135m", "--iters", "1",
                  "--targets", "2.5%,10%", "--out", str(out), "--no-progress"]) == 0
@@ -244,4 +247,7 @@ def test_decode_layer_benchmark_runs_on_cpu(tmp_path):
                                      "qdec_w3_tuned_5%"}
     assert data["tinygemm"]["available"] is False and "CUDA" in data["tinygemm"]["reason"]
     assert {"comp_vs_w3", "w3_vs_w4", "tuned_5%_vs_w3"} <= set(data["ratios"])
+    # SmolLM2's widths, k = 8 per 1024 (at least 1).
+    assert set(data["outlier_select_us"]) == {"K=576 k=4", "K=1536 k=12"}
+    assert all(t > 0 for t in data["outlier_select_us"].values())
     assert data["commit"] and data["torch"]

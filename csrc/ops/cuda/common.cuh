@@ -51,15 +51,35 @@ inline PackedWeightView weight_view(const WeightTensors& t, const WeightGeometry
           dtype_of(t.scales),
           g.N, g.K, g.G, g.groups, t.qweight.size(1), static_cast<int>(bits)};
 }
+PackedWeightView weight_view(WeightTensors&&, const WeightGeometry&, int64_t) = delete;
+
+// The tensors behind a ResidualView (contiguous), kept alive by the caller for
+// as long as kernels launched with the view may run: a view of temporaries
+// would point into blocks that the caching allocator hands to the next
+// allocation (the op's own output, say) while the kernels still read them.
+struct ResidualTensors {
+  at::Tensor residual, scales;
+};
+
+inline ResidualTensors residual_tensors(const at::Tensor& residual,
+                                        const at::Tensor& residual_scales) {
+  // A strided CPU residual cannot be made contiguous in place: the copy would
+  // be pageable memory, which no kernel can read.
+  TORCH_CHECK(!residual.is_cpu() || residual.is_contiguous(),
+              "qdec: a CPU residual must be contiguous (and pinned) to be read zero-copy by "
+              "the CUDA kernel, got strides ", residual.strides());
+  return {residual.contiguous(), residual_scales.contiguous()};
+}
 
 // The residual may live on the GPU, or in pinned host memory that kernels read
 // zero-copy through its device alias (the whole point of QDEC: the store never
 // occupies GPU memory). Pageable host memory cannot be read by a kernel.
-inline ResidualView residual_view(const at::Tensor& residual, const at::Tensor& residual_scales,
-                                  const ResidualGeometry& g, int64_t bits,
-                                  const at::Tensor& x) {
-  TORCH_CHECK(residual.is_contiguous(), "qdec: residual must be contiguous");
-  check_on_cuda(residual_scales, x, "residual_scales");
+inline ResidualView residual_view(const ResidualTensors& t, const ResidualGeometry& g,
+                                  int64_t bits, const at::Tensor& x) {
+  const at::Tensor& residual = t.residual;
+  TORCH_CHECK(residual.is_contiguous() && t.scales.is_contiguous(),
+              "qdec: residual_view needs the contiguous tensors of residual_tensors()");
+  check_on_cuda(t.scales, x, "residual_scales");
   const void* ptr = residual.data_ptr();
   if (residual.is_cpu()) {
     TORCH_CHECK(residual.is_pinned(),
@@ -71,9 +91,12 @@ inline ResidualView residual_view(const at::Tensor& residual, const at::Tensor& 
   } else {
     check_on_cuda(residual, x, "residual");
   }
-  return {static_cast<const uint32_t*>(ptr), residual_scales.data_ptr<float>(), g.K, g.N,
+  return {static_cast<const uint32_t*>(ptr), t.scales.data_ptr<float>(), g.K, g.N,
           residual.size(1), static_cast<int>(bits)};
 }
+// Views hold raw pointers: refuse to build one from a temporary at compile time.
+ResidualView residual_view(ResidualTensors&&, const ResidualGeometry&, int64_t,
+                           const at::Tensor&) = delete;
 
 // x[B, K] @ W^T as [B, N] in out_dtype (float32 or x's dtype), accumulated
 // in float32 and rounded once; shared by quantized_matmul and

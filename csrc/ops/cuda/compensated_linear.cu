@@ -72,8 +72,9 @@ at::Tensor compensated_linear_cuda(const at::Tensor& x, const at::Tensor& qweigh
     return quantized_matmul_2d_cuda(x2d, qweight, scales, zeros, bits, geom, x.scalar_type())
         .reshape(out_shape);
   }
-  const auto view = residual_view(residual.contiguous(), residual_scales.contiguous(), rgeom,
-                                  residual_bits, x);
+  // Named: the view's pointers must outlive the kernels (see residual_tensors).
+  const auto rt = residual_tensors(residual, residual_scales);
+  const auto view = residual_view(rt, rgeom, residual_bits, x);
   check_sm_budget(sm_budget);
   const int64_t splits = residual_axpy_splits(k, geom.N, B, sm_budget);
   auto partial = at::empty({splits, B, geom.N}, x2d.options().dtype(at::kFloat));

@@ -19,8 +19,9 @@ at::Tensor residual_gather_cuda(const at::Tensor& residual, const at::Tensor& re
   check_channels(channels, rows, k, geom.K, /*check_values=*/false);
   const c10::cuda::CUDAGuard guard(channels.device());
   const auto idx = channels.contiguous();
-  const auto view = residual_view(residual.contiguous(), residual_scales.contiguous(), geom,
-                                  residual_bits, channels);
+  // Named: the view's pointers must outlive the kernel (see residual_tensors).
+  const auto rt = residual_tensors(residual, residual_scales);
+  const auto view = residual_view(rt, geom, residual_bits, channels);
   auto out_shape = channels.sizes().vec();
   out_shape.push_back(geom.N);
   auto out = at::empty(out_shape, residual_scales.options());

@@ -54,55 +54,84 @@ inline float zero_term(const float* scale, const float* zero, const float* xsum,
   return sum;
 }
 
-// One weight row against BT rows of x starting at b0. Spans alternate between
-// two float accumulators per x row: with short spans (G = 32: one block each)
-// a single accumulator's FMA latency, not the decode, would set the pace.
+// The float32 factor of every span, s_g * d_span, for BT rows of x: once per
+// weight row, so the span loop below is flat (no group bookkeeping between
+// blocks; at G = 32 every block is a span and that bookkeeping cost as much
+// as the decode).
+template <int BT>
+inline void span_factors(const float* scale, const QuantizedActivations& x, int64_t b0,
+                         float* factors) {
+  for (int t = 0; t < BT; ++t) {
+    const float* d = x.span_scale + (b0 + t) * x.spans;
+    float* f = factors + t * x.spans;
+    for (int64_t g = 0, sp = 0; sp < x.spans; ++g) {
+      const int64_t sp_end = sp + x.spans_per_group < x.spans ? sp + x.spans_per_group : x.spans;
+      for (; sp < sp_end; ++sp) f[sp] = scale[g] * d[sp];
+    }
+  }
+}
+
+// acc[t] += codes . xq over span sp's blocks, then tot[t] += factor * acc[t].
+template <typename V, int BITS, int BT>
+inline void span_dot(const RowBlocks<V, BITS>& rb, const typename V::template Decoder<BITS>& dec,
+                     const QuantizedActivations& x, int64_t b0, int64_t sp, const float* factors,
+                     typename V::FAcc (&tot)[BT]) {
+  const int64_t padded = x.blocks * 32;
+  const int64_t blocks_per_span = x.span / 32;
+  typename V::IAcc acc[BT];
+  for (int t = 0; t < BT; ++t) acc[t] = V::zero_i();
+  const int64_t c_end = (sp + 1) * blocks_per_span < x.blocks ? (sp + 1) * blocks_per_span : x.blocks;
+  for (int64_t c = sp * blocks_per_span; c < c_end; ++c) {
+    const typename V::Codes q = dec.decode(rb.block(c));
+    for (int t = 0; t < BT; ++t) acc[t] = V::madd(acc[t], q, x.xq + (b0 + t) * padded + c * 32);
+  }
+  for (int t = 0; t < BT; ++t) tot[t] = V::fma(tot[t], acc[t], factors[t * x.spans + sp]);
+}
+
+// One weight row against BT rows of x starting at b0. Even and odd spans go
+// to two register accumulators, so with short spans the FMA latency of one
+// accumulator does not set the pace.
 template <typename V, int BITS, int BT>
 inline void gemv_row_tile(const RowBlocks<V, BITS>& rb, const typename V::template Decoder<BITS>& dec,
                           const float* scale, const float* zero, const QuantizedActivations& x,
-                          int64_t b0, int64_t n, int64_t N, float* y) {
-  const int64_t padded = x.blocks * 32;
-  const int64_t blocks_per_span = x.span / 32;
-  typename V::FAcc tot[2][BT];
-  for (int t = 0; t < BT; ++t) tot[0][t] = tot[1][t] = V::zero_f();
-  for (int64_t g = 0; g < x.groups; ++g) {
-    const int64_t sp_end = (g + 1) * x.spans_per_group < x.spans ? (g + 1) * x.spans_per_group : x.spans;
-    for (int64_t sp = g * x.spans_per_group; sp < sp_end; ++sp) {
-      typename V::IAcc acc[BT];
-      for (int t = 0; t < BT; ++t) acc[t] = V::zero_i();
-      const int64_t c_end = (sp + 1) * blocks_per_span < x.blocks ? (sp + 1) * blocks_per_span : x.blocks;
-      for (int64_t c = sp * blocks_per_span; c < c_end; ++c) {
-        const typename V::Codes q = dec.decode(rb.block(c));
-        for (int t = 0; t < BT; ++t) acc[t] = V::madd(acc[t], q, x.xq + (b0 + t) * padded + c * 32);
-      }
-      typename V::FAcc* dst = tot[sp & 1];
-      for (int t = 0; t < BT; ++t)
-        dst[t] = V::fma(dst[t], acc[t], scale[g] * x.span_scale[(b0 + t) * x.spans + sp]);
-    }
+                          int64_t b0, int64_t n, int64_t N, float* y, float* factors) {
+  span_factors<BT>(scale, x, b0, factors);
+  typename V::FAcc even[BT], odd[BT];
+  for (int t = 0; t < BT; ++t) even[t] = odd[t] = V::zero_f();
+  int64_t sp = 0;
+  for (; sp + 2 <= x.spans; sp += 2) {
+    span_dot<V, BITS, BT>(rb, dec, x, b0, sp, factors, even);
+    span_dot<V, BITS, BT>(rb, dec, x, b0, sp + 1, factors, odd);
   }
+  if (sp < x.spans) span_dot<V, BITS, BT>(rb, dec, x, b0, sp, factors, even);
   for (int t = 0; t < BT; ++t) {
     const float* xsum = x.group_sum + (b0 + t) * x.groups;
     y[(b0 + t) * N + n] =
-        V::hsum(V::add(tot[0][t], tot[1][t])) - zero_term(scale, zero, xsum, x.groups);
+        V::hsum(V::add(even[t], odd[t])) - zero_term(scale, zero, xsum, x.groups);
   }
 }
 
 // Decoding is the expensive part, so x rows go in tiles of 4 (then 2, 1) that
 // share each decoded block; 4 keeps the accumulators in registers on AVX2.
+// `params` holds 2 * groups + 4 * spans floats.
 template <typename V, int BITS>
 void gemv_rows(const LowBitWeight& w, const QuantizedActivations& x, int64_t n_begin,
-               int64_t n_end, float* y, float* scale, float* zero) {
+               int64_t n_end, float* y, float* params) {
   const typename V::template Decoder<BITS> dec;
+  float* scale = params;
+  float* zero = params + w.groups;
+  float* factors = params + 2 * w.groups;
   for (int64_t n = n_begin; n < n_end; ++n) {
     load_row_params(w, n, scale, zero);
     const RowBlocks<V, BITS> rb(w.qweight + n * w.words_per_row, x.blocks);
     int64_t b0 = 0;
-    for (; b0 + 4 <= x.B; b0 += 4) gemv_row_tile<V, BITS, 4>(rb, dec, scale, zero, x, b0, n, w.N, y);
+    for (; b0 + 4 <= x.B; b0 += 4)
+      gemv_row_tile<V, BITS, 4>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
     if (b0 + 2 <= x.B) {
-      gemv_row_tile<V, BITS, 2>(rb, dec, scale, zero, x, b0, n, w.N, y);
+      gemv_row_tile<V, BITS, 2>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
       b0 += 2;
     }
-    if (b0 < x.B) gemv_row_tile<V, BITS, 1>(rb, dec, scale, zero, x, b0, n, w.N, y);
+    if (b0 < x.B) gemv_row_tile<V, BITS, 1>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
   }
 }
 
@@ -169,9 +198,9 @@ void with_bits(int bits, F&& f) {
 template <typename V>
 void gemv_entry(const LowBitWeight& w, const QuantizedActivations& x, int64_t n0, int64_t n1,
                 float* y) {
-  // Row parameters in float32: `groups` values each, reused for every row.
-  float* params = new float[2 * w.groups];
-  with_bits(w.bits, [&]<int BITS>() { gemv_rows<V, BITS>(w, x, n0, n1, y, params, params + w.groups); });
+  // Row parameters in float32 (scales, zeros) and span factors, reused for every row.
+  float* params = new float[2 * w.groups + 4 * x.spans];
+  with_bits(w.bits, [&]<int BITS>() { gemv_rows<V, BITS>(w, x, n0, n1, y, params); });
   delete[] params;
 }
 

@@ -64,7 +64,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=False,
-                         initializer_range=0.2, torch_dtype="float32")
+                         initializer_range=0.2)
     model = LlamaForCausalLM(config).eval()
     result = quantize_model(model, "rtn", 3, 64, residual_bits=4, progress=False)
     path = tmp_path_factory.mktemp("tiny") / "ckpt"

@@ -38,12 +38,14 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 @pytest.fixture(scope="module", autouse=True)
 def vllm_env():
     """Caches in a temporary folder (the compile cache key ignores plugin code),
-    the engine in this process, a small KV cache."""
+    the engine in this process, a small KV cache, no CPU thread binding (vLLM's
+    automatic binding wants one NUMA node per tensor-parallel rank; workers
+    inherit OMP_NUM_THREADS instead)."""
     saved = dict(os.environ)
     tmp = tempfile.mkdtemp(prefix="qdec-vllm-")
     os.environ.update(VLLM_CACHE_ROOT=f"{tmp}/vllm", TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor",
                       VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                      VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+                      VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
     os.environ.pop("QDEC_K", None)
     os.environ.pop("QDEC_TUNE_CONFIG", None)
     yield

@@ -30,6 +30,9 @@ if __name__ == "__main__":  # before vllm/torch start threads or read the enviro
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", f"{_TMP}/inductor")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # vLLM's CPU auto-binding pins worker threads; on a shared 2-core machine the
+    # thread count is left to OMP_NUM_THREADS instead.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 import torch  # noqa: E402
 

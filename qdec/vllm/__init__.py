@@ -14,7 +14,8 @@ before that block existed loads with ``quantization="qdec"``.
 The number of compensated channels per token, ``k``, comes from (first match):
 
 * ``QDEC_TUNE_CONFIG`` (a ``qdec tune`` config file) with ``QDEC_TUNE_TARGET``
-  (e.g. ``2.5%``; default the file's smallest target): k per projection;
+  (e.g. ``2.5%``; default the file's smallest target): k per projection, and
+  the CUDA compensation's SM budget per projection;
 * ``QDEC_K``: a count (``16``), a fraction of each layer's input channels
   (``0.02``), or a JSON object from projection name to either
   (``{"down_proj": 0.05, "q_proj": 0.02}``; unnamed projections get 0);

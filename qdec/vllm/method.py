@@ -113,6 +113,17 @@ def resolve_k_spec(checkpoint_k: KSpec) -> KSpec:
     return checkpoint_k
 
 
+def resolve_sm_budgets() -> dict[str, int]:
+    """The compensation kernel's SM budget per projection from ``QDEC_TUNE_CONFIG``
+    (empty without one: 0 = automatic; the CPU kernel ignores it)."""
+    tune = os.environ.get(ENV_TUNE_CONFIG)
+    if not tune:
+        return {}
+    from ..tune import load_sm_budgets
+
+    return load_sm_budgets(tune, os.environ.get(ENV_TUNE_TARGET) or None)
+
+
 def k_for(spec: KSpec, name: str, in_features: int) -> int:
     """Channels per token for checkpoint projection ``name`` (full HF name) with
     ``in_features`` inputs: a mapping is looked up by full name, then by its last
@@ -138,6 +149,7 @@ class QDECConfig(QuantizationConfig):
         self.has_residual: set[str] = set()
         self.residual_bits: int | None = settings.get("residual_bits")
         self.k_spec: KSpec = settings.get("k", 0)
+        self.sm_budgets: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (f"QDECConfig(checkpoint={self.checkpoint!r}, bits={self.settings.get('bits')}, "
@@ -181,6 +193,7 @@ class QDECConfig(QuantizationConfig):
         self.residual_bits = ckpt.qdec.get("residual_bits")
         self.has_residual = set(ckpt.linears) if self.residual_bits is not None else set()
         self.k_spec = resolve_k_spec(self.settings.get("k", 0))
+        self.sm_budgets = resolve_sm_budgets()
 
     def parts_of(self, prefix: str) -> list[str]:
         """The checkpoint projections a vLLM layer ``prefix`` is made of."""
@@ -237,6 +250,8 @@ class QDECLinearMethod(LinearMethodBase):
         self.has_perm = first.input_permutation is not None
         self.has_residual = all(p in config.has_residual for p in parts)
         self.k_full = [k_for(config.k_spec, p, self.in_features) for p in parts]
+        self.sm_budget = [int(config.sm_budgets.get(p, config.sm_budgets.get(
+            p.rsplit(".", 1)[-1], 0))) for p in parts]
         if any(self.k_full) and not self.has_residual:
             raise ValueError(f"k > 0 for {prefix} but the checkpoint has no residual store")
 
@@ -342,20 +357,21 @@ class QDECLinearMethod(LinearMethodBase):
 
     def _slices(self, layer: torch.nn.Module) -> list[tuple[int, dict[str, Any]]]:
         """``[(k, tensors)]`` to run: one entry for the whole layer when every part
-        has the same k, else one per part (its rows of the weight, its packed
-        residual columns, copied contiguous once here)."""
+        has the same k (SM budget: the largest of the parts'), else one per part
+        (its rows of the weight, its packed residual columns, copied contiguous
+        once here, its own SM budget)."""
         ks = layer.qdec_k
         whole = {"qweight": layer.qweight, "scales": layer.scales, "zeros": layer.zeros,
                  "residual": layer.residual, "residual_scales": layer.residual_scales}
         if len(set(ks)) == 1:
-            return [(ks[0], whole)]
+            return [(ks[0], {**whole, "sm_budget": max(self.sm_budget)})]
         rb = self.config.residual_bits
         out, start = [], 0
-        for k, n in zip(ks, layer.qdec_out_parts):
+        for k, n, budget in zip(ks, layer.qdec_out_parts, self.sm_budget):
             rows = slice(start, start + n)
             part = {"qweight": layer.qweight[rows], "scales": layer.scales[rows],
                     "zeros": None if layer.zeros is None else layer.zeros[rows],
-                    "residual": None, "residual_scales": None}
+                    "residual": None, "residual_scales": None, "sm_budget": budget}
             if layer.residual is not None:
                 w0, w1 = start // 32 * rb, (start + n) // 32 * rb
                 part["residual"] = place_residual(layer.residual[:, w0:w1])
@@ -377,7 +393,8 @@ class QDECLinearMethod(LinearMethodBase):
             else:
                 outs.append(ops.compensated_linear(
                     x, t["qweight"], t["scales"], t["zeros"], self.bits, self.group_size,
-                    t["residual"], t["residual_scales"], self.config.residual_bits, k))
+                    t["residual"], t["residual_scales"], self.config.residual_bits, k,
+                    sm_budget=t["sm_budget"]))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y if bias is None else y + bias.to(y.dtype)
 
@@ -398,4 +415,5 @@ def configure(model: torch.nn.Module, k: KSpec) -> int:
     return n
 
 
-__all__ = ["QDECConfig", "QDECLinearMethod", "configure", "k_for", "resolve_k_spec"]
+__all__ = ["QDECConfig", "QDECLinearMethod", "configure", "k_for", "resolve_k_spec",
+           "resolve_sm_budgets"]

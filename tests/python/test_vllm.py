@@ -29,7 +29,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (CI runs t
 from qdec.formats import FormatError, save_safetensors  # noqa: E402
 from qdec.formats.qdec_checkpoint import save_quantization_result  # noqa: E402
 from qdec.formats.safetensors_io import SafetensorsFile  # noqa: E402
-from qdec.patch import load_patched_checkpoint, qdec_layers  # noqa: E402
+from qdec.patch import configure, load_patched_checkpoint, qdec_layers  # noqa: E402
 
 STEPS = 32
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -137,6 +137,11 @@ def test_tiny_checkpoint_tp1_greedy_equals_hf(tiny_ckpt):
             want = hf_greedy(hf_model(tiny_ckpt, k), TINY_PROMPT)
             assert runs[k] == want, f"k={k}"
         assert runs[0.0] != runs[0.02]  # compensation reaches the tokens
+        # k per projection: the fused qkv and gate_up layers then run per part.
+        per_proj = {"q_proj": 0.05, "v_proj": 0.02, "gate_proj": 0.03, "down_proj": 0.05}
+        hf = hf_model(tiny_ckpt, 0.0)
+        configure(hf, k=per_proj)
+        assert vllm_greedy(llm, TINY_PROMPT, per_proj) == hf_greedy(hf, TINY_PROMPT)
     finally:
         del llm
 
@@ -170,6 +175,31 @@ def test_tiny_checkpoint_tensor_parallel_2(tiny_ckpt):
         assert local != hf_greedy(hf_model(tiny_ckpt, 0.05), TINY_PROMPT)
     finally:
         del llm
+
+
+def test_k_from_environment_and_tune_config(tmp_path, monkeypatch):
+    """QDEC_TUNE_CONFIG beats QDEC_K beats the checkpoint's quantization_config.k."""
+    from qdec.vllm.method import k_for, resolve_k_spec, resolve_sm_budgets
+
+    assert resolve_k_spec(0.01) == 0.01 and resolve_sm_budgets() == {}
+    monkeypatch.setenv("QDEC_K", '{"down_proj": 0.05, "q_proj": 3}')
+    spec = resolve_k_spec(0.01)
+    assert spec == {"down_proj": 0.05, "q_proj": 3}
+    assert k_for(spec, "model.layers.0.mlp.down_proj", 512) == round(0.05 * 512)
+    assert k_for(spec, "model.layers.0.self_attn.q_proj", 256) == 3
+    assert k_for(spec, "model.layers.0.self_attn.k_proj", 256) == 0
+    monkeypatch.setenv("QDEC_K", "1.5")
+    with pytest.raises(FormatError, match="QDEC_K: quantization_config.k as a fraction"):
+        resolve_k_spec(0)
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps({"format_version": "qdec-tune/1", "targets": {
+        "2.5%": {"fraction": {"down_proj": 0.02}, "sm_budget": {"down_proj": 8}},
+        "5%": {"fraction": {"down_proj": 0.04}}}}))
+    monkeypatch.setenv("QDEC_TUNE_CONFIG", str(tune))
+    assert resolve_k_spec(0) == {"down_proj": 0.02}
+    assert resolve_sm_budgets() == {"down_proj": 8}
+    monkeypatch.setenv("QDEC_TUNE_TARGET", "5%")
+    assert resolve_k_spec(0) == {"down_proj": 0.04} and resolve_sm_budgets() == {}
 
 
 # --------------------------------------------------------- malformed input

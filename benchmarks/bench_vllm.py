@@ -34,8 +34,6 @@ if __name__ == "__main__":  # before vllm/torch start threads or read the enviro
     # thread count is left to OMP_NUM_THREADS instead.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
-import torch  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Once upon a time, there was a",
            "The three primary colors are", "In computer science, a hash table",

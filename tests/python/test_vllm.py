@@ -177,6 +177,23 @@ def test_tiny_checkpoint_tensor_parallel_2(tiny_ckpt):
         del llm
 
 
+def test_older_checkpoint_loads_with_quantization_flag(tiny_ckpt, tmp_path):
+    """A checkpoint written before config.json had the quantization_config block
+    loads with quantization="qdec" (the plugin reads its "qdec" section)."""
+    path = _copy(tiny_ckpt, tmp_path / "old")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["quantization_config"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    llm = vllm.LLM(model=str(path), quantization="qdec", dtype="float32", enforce_eager=True,
+                   max_model_len=256, max_num_seqs=4, enable_prefix_caching=False,
+                   skip_tokenizer_init=True, seed=0)
+    try:
+        assert vllm_greedy(llm, TINY_PROMPT, 0.0) == hf_greedy(hf_model(tiny_ckpt, 0.0),
+                                                                TINY_PROMPT)
+    finally:
+        del llm
+
+
 def test_k_from_environment_and_tune_config(tmp_path, monkeypatch):
     """QDEC_TUNE_CONFIG beats QDEC_K beats the checkpoint's quantization_config.k."""
     from qdec.vllm.method import k_for, resolve_k_spec, resolve_sm_budgets

@@ -164,22 +164,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokens/s."""
     import torch
 
-    from .formats.qdec_checkpoint import read_qdec_checkpoint
-    from .patch import configure, patch
+    from transformers import AutoTokenizer
 
-    ckpt = read_qdec_checkpoint(args.checkpoint)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from .patch import configure, load_patched_checkpoint
 
-    config = AutoConfig.from_pretrained(args.checkpoint, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.to_empty(device="cpu")
-    missing, _ = model.load_state_dict(ckpt.tensors, strict=False)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    patch(model, ckpt.packed_linears())
-    model.eval()
+    model = load_patched_checkpoint(args.checkpoint)
     tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
     messages = [{"role": "user", "content": args.prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")

@@ -110,6 +110,7 @@ class QDECLinear(nn.Module):
         # Thread blocks the CUDA compensation may occupy beside the GEMV
         # (0 = automatic); set from a tune config by qdec.patch.configure.
         self.sm_budget = 0
+        self._selection_shards = 1
         self._dense_cache: tuple[Tensor, Tensor | None] | None = None
 
     # ------------------------------------------------------------------ state
@@ -141,6 +142,34 @@ class QDECLinear(nn.Module):
         if value not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {value!r}")
         self._policy = value
+
+    @property
+    def selection_shards(self) -> int:
+        """Contiguous equal slices of the input channels that select on their
+        own (default 1: one global top-k).
+
+        With ``s > 1`` the ``dynamic`` policy takes the top ``ceil(k / s)``
+        ``|x|`` of each slice, ``s * ceil(k / s)`` channels in all: what a
+        row-parallel layer (o_proj, down_proj) does under tensor parallelism
+        of degree ``s``, where each rank sees only its slice of ``x``
+        (:mod:`qdec.vllm`). Set it to measure that on one process.
+        """
+        return self._selection_shards
+
+    @selection_shards.setter
+    def selection_shards(self, value: int) -> None:
+        value = int(value)
+        if value < 1 or self.in_features % value:
+            raise ValueError(f"selection_shards must be >= 1 and divide in_features="
+                             f"{self.in_features}, got {value}")
+        self._selection_shards = value
+
+    @property
+    def channels_per_token(self) -> int:
+        """Channels compensated per token: ``k``, or ``s * ceil(k / s)`` with
+        ``selection_shards = s``."""
+        s = self._selection_shards
+        return self.k if s == 1 else s * -(-self.k // s)
 
     def set_static_channels(self, channels: Tensor) -> None:
         """Fix the channel ranking of the ``static`` policy: int64 ``[m]``,
@@ -196,7 +225,7 @@ class QDECLinear(nn.Module):
         there too.) The one definition every cost report uses."""
         if self.residual is None or self.k == 0:
             return 0
-        return self.k * self.residual.shape[1] * self.residual.element_size()
+        return self.channels_per_token * self.residual.shape[1] * self.residual.element_size()
 
     @property
     def gpu_extra_bytes(self) -> int:
@@ -270,6 +299,12 @@ class QDECLinear(nn.Module):
         """Channels int64 ``[rows, k]`` the current policy compensates for each
         row of ``x2d`` (``None`` for ``dynamic``: the op selects them itself)."""
         k, rows = self.k, x2d.shape[0]
+        shards = self._selection_shards
+        if shards > 1:
+            if self.policy != "dynamic":
+                raise ValueError(f"selection_shards={shards} is defined for the dynamic policy "
+                                 f"only, not {self.policy!r}")
+            return sharded_outlier_select(x2d, k, shards)
         if self.policy == "dynamic":
             return None
         if self.policy == "static":
@@ -307,6 +342,7 @@ class QDECLinear(nn.Module):
         else:
             channels = self.select_channels(x.reshape(-1, self.in_features))
             if channels is not None:
+                k = channels.shape[-1]
                 channels = channels.reshape(*x.shape[:-1], k)
             y = ops.compensated_linear(x, *self._weight_args(x.dtype), self.residual,
                                        self.residual_scales, self.residual_bits, k, channels,
@@ -343,6 +379,24 @@ class QDECLinear(nn.Module):
 
     def clear_dense_cache(self) -> None:
         self._dense_cache = None
+
+
+def sharded_outlier_select(x2d: Tensor, k: int, shards: int) -> Tensor:
+    """Per-shard top-k: split the channels of ``x2d [rows, K]`` into ``shards``
+    contiguous equal slices and take the ``ceil(k / shards)`` largest ``|x|`` of
+    each (:func:`qdec.ops.outlier_select` per slice), as global indices int64
+    ``[rows, shards * ceil(k / shards)]``, slice by slice. ``k = 0`` gives no
+    channels."""
+    K = x2d.shape[-1]
+    if shards < 1 or K % shards:
+        raise ValueError(f"shards must be >= 1 and divide K={K}, got {shards}")
+    local = -(-k // shards)
+    width = K // shards
+    if local > width:
+        raise ValueError(f"ceil(k / shards) = {local} exceeds the shard width {width}")
+    parts = [ops.outlier_select(x2d[:, i * width:(i + 1) * width].contiguous(), local) + i * width
+             for i in range(shards)]
+    return torch.cat(parts, dim=-1)
 
 
 def place_residual(residual: Tensor) -> Tensor:

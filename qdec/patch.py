@@ -129,6 +129,32 @@ def patch(
     return PatchReport(replaced, kept, gpu_bytes, host_bytes)
 
 
+def load_patched_checkpoint(path: str, k: int | float = 0,
+                            policy: SelectionPolicy = "dynamic") -> nn.Module:
+    """A transformers model built from a QDEC checkpoint directory and patched
+    with its packed weights and residual store (float32, CPU, eval mode): what
+    ``qdec generate`` runs, and the reference the vLLM plugin is tested against.
+
+    Raises:
+        qdec.formats.FormatError: the checkpoint is malformed (naming file and tensor).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .formats.qdec_checkpoint import read_qdec_checkpoint
+
+    ckpt = read_qdec_checkpoint(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to_empty(device="cpu")
+    model.load_state_dict(ckpt.tensors, strict=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    patch(model, ckpt.packed_linears(), k=k, policy=policy)
+    return model.eval()
+
+
 def qdec_layers(model: nn.Module) -> Iterator[tuple[str, QDECLinear]]:
     """Every ``QDECLinear`` of a patched model with its qualified name."""
     for name, module in model.named_modules():

@@ -298,7 +298,7 @@ def evaluate(setup: AblationSetup, desc: str = "perplexity") -> dict:
     r = setup.perplexity(desc)
     ref, base = setup.reference["ppl"], setup.quantized["ppl"]
     layers = [m for _, m in setup.layers()]
-    channels = sum(m.k for m in layers)
+    channels = sum(m.channels_per_token for m in layers)
     r.update(gap_closed=gap_closed(ref, base, r["ppl"]),
              log_gap_closed=log_gap_closed(ref, base, r["ppl"]),
              fetched_bytes_per_token=model_costs(setup.model)["fetched_bytes_per_token"],
@@ -500,6 +500,55 @@ def layer_gain(setup: AblationSetup, fraction: float = 0.05, blocks: int = 3,
         _reset(setup)
     return {**setup.header("layer_gain", fraction=float(fraction), blocks=blocks, policy=policy),
             "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ------------------------------------------------------- tensor parallelism
+ROW_PARALLEL: tuple[str, ...] = ("o_proj", "down_proj")
+
+
+def tp_selection(setup: AblationSetup, fractions: Sequence[float] = (0.02, 0.05),
+                 degrees: Sequence[int] = (1, 2, 4)) -> dict:
+    """Local against global top-k under tensor parallelism, simulated in one process.
+
+    Under tensor parallelism of degree ``tp`` a row-parallel linear (o_proj,
+    down_proj) is split by input channel, and each rank sees only its slice of
+    ``x``; without communication it can only take the top ``ceil(k/tp)`` of its
+    slice (:attr:`QDECLinear.selection_shards`). Column-parallel linears see all
+    of ``x`` and select exactly as at ``tp = 1``. This scores each degree at
+    each fraction with the row-parallel layers so split.
+
+    Returns:
+        the header plus ``rows``: ``fraction``, ``tp`` and the fields of
+        :func:`evaluate` (``channels_per_token`` counts ``tp * ceil(k/tp)`` on
+        the split layers).
+    """
+    start = time.perf_counter()
+    rows = []
+    split = [m for name, m in setup.layers() if name.rsplit(".", 1)[-1] in ROW_PARALLEL]
+    try:
+        for f, tp in _points([(f, t) for f in fractions for t in degrees],
+                             setup.config.progress, "tp selection"):
+            set_compensation(setup, float(f))
+            for m in split:
+                m.selection_shards = tp
+            rows.append({"fraction": float(f), "tp": int(tp),
+                         **evaluate(setup, f"k={f:.1%} tp={tp}")})
+    finally:
+        for m in split:
+            m.selection_shards = 1
+        _reset(setup)
+    return {**setup.header("tp_selection", fractions=list(map(float, fractions)),
+                           degrees=list(map(int, degrees)), row_parallel=list(ROW_PARALLEL)),
+            "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def tp_selection_table(results: dict) -> str:
+    """Markdown: perplexity and gap closed per fraction and degree."""
+    rows = [[_pct(r["fraction"]), str(r["tp"]), f"{r['ppl']:.3f}", _pct(r["gap_closed"]),
+             _pct(r["log_gap_closed"]), str(r["channels_per_token"])]
+            for r in results["rows"]]
+    return _baseline_line(results) + "\n\n" + _markdown(
+        ["k", "tp", "ppl", "gap closed", "log gap closed", "channels/token"], rows)
 
 
 # ------------------------------------------------------------------ output

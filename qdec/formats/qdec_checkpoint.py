@@ -7,9 +7,12 @@ Layout (format version 1)::
     <dir>/residual.safetensors  the residual store (optional; qdec.residual_store)
     <dir>/<extra files>         e.g. tokenizer files, copied verbatim (optional)
 
-``config.json`` is the HF config with its ``quantization_config`` (if any) moved to
-``qdec.source.quantization_config`` (so transformers does not try to load the
-directory as an AWQ/GPTQ model), and::
+``config.json`` is the HF config with its original ``quantization_config`` (if any)
+moved to ``qdec.source.quantization_config`` (so transformers does not try to load
+the directory as an AWQ/GPTQ model), a new ``quantization_config`` block
+``{"quant_method": "qdec", ...}`` (:func:`quantization_config_block`; how vLLM and
+other servers recognise the checkpoint, transformers ignores an unknown method),
+and::
 
     "qdec": {
       "format_version": 1,
@@ -77,6 +80,7 @@ from .residual_store import (
     ResidualStore,
     check_residual_pair,
     load_residual_store,
+    read_residual_file,
     save_residual_file,
 )
 from .safetensors_io import (
@@ -313,7 +317,90 @@ def checkpoint_config(hf_config: Mapping, layers: Mapping[str, Mapping], method:
     if src:
         section["source"] = src
     config[METADATA_KEY] = section
+    config["quantization_config"] = quantization_config_block(section)
     return config
+
+
+QUANT_METHOD = "qdec"
+# Keys of the quantization_config block copied from the "qdec" section.
+_BLOCK_KEYS = ("format_version", "bits", "group_size", "symmetric", "residual_bits")
+
+
+def quantization_config_block(section: Mapping) -> dict:
+    """The ``quantization_config`` entry of a QDEC checkpoint's ``config.json``.
+
+    The one definition of that block: ``{"quant_method": "qdec", "format_version",
+    "bits", "group_size", "symmetric", "residual_bits"}`` copied from the ``qdec``
+    section (null where layers differ; the per-layer metadata of
+    ``model.safetensors`` is authoritative). Serving frameworks (the vLLM plugin
+    :mod:`qdec.vllm`, a transformers integration) recognise a QDEC checkpoint by
+    ``quant_method``; the block may also carry an optional ``k`` (see
+    :func:`read_quantization_config`), which ``qdec quantize`` does not write.
+    """
+    return {"quant_method": QUANT_METHOD, **{key: section.get(key) for key in _BLOCK_KEYS}}
+
+
+def _check_k_value(where: str, what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(f"{where}: {what} must be a number, got {value!r}")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise FormatError(f"{where}: {what} as a fraction must be in [0, 1], got {value}")
+    if isinstance(value, int) and value < 0:
+        raise FormatError(f"{where}: {what} as a channel count must be >= 0, got {value}")
+
+
+def read_quantization_config(config: Mapping, where: str = "config.json") -> dict:
+    """The QDEC settings of a ``config.json`` (as a dict), validated.
+
+    Accepts a whole ``config.json`` (its ``quantization_config`` block with
+    ``quant_method: "qdec"`` or, for checkpoints written before that block
+    existed, its ``qdec`` section) or the block alone, as vLLM hands it over.
+
+    Returns:
+        ``{"format_version", "bits", "group_size", "symmetric", "residual_bits",
+        "k"}`` where ``k`` is ``0`` when absent, else an int channel count, a float
+        fraction of each layer's input channels, or a mapping from a projection
+        name (``q_proj``, ``down_proj``, ...) to either.
+
+    Raises:
+        FormatError: naming ``where`` and the offending key.
+    """
+    if not isinstance(config, Mapping):
+        raise FormatError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    block = config.get("quantization_config")
+    if config.get("quant_method") is not None:
+        block = config
+    if block is None:
+        section = config.get(METADATA_KEY)
+        if not isinstance(section, Mapping):
+            raise FormatError(f"{where}: neither a quantization_config with quant_method "
+                              f"{QUANT_METHOD!r} nor a {METADATA_KEY!r} section; not a QDEC "
+                              f"checkpoint")
+        block = quantization_config_block(section)
+    if not isinstance(block, Mapping) or block.get("quant_method") != QUANT_METHOD:
+        found = block.get("quant_method") if isinstance(block, Mapping) else block
+        raise FormatError(f"{where}: quantization_config.quant_method is {found!r}; expected "
+                          f"{QUANT_METHOD!r}")
+    if block.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{where}: quantization_config.format_version is "
+                          f"{block.get('format_version')!r}; this reader knows version "
+                          f"{FORMAT_VERSION}")
+    bits, rbits = block.get("bits"), block.get("residual_bits")
+    for key, value in (("bits", bits), ("residual_bits", rbits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 2 <= value <= 8):
+            raise FormatError(f"{where}: quantization_config.{key} must be null or an int in "
+                              f"2..8, got {value!r}")
+    k = block.get("k", 0)
+    if isinstance(k, Mapping):
+        for proj, value in k.items():
+            _check_k_value(where, f"quantization_config.k[{proj!r}]", value)
+        k = dict(k)
+    else:
+        _check_k_value(where, "quantization_config.k", k)
+    out = {key: block.get(key) for key in _BLOCK_KEYS}
+    out["k"] = k
+    return out
 
 
 def model_file_metadata(layers: Mapping[str, Mapping]) -> dict[str, str]:
@@ -440,6 +527,13 @@ def _parse_section(cfg_path: str, config: dict) -> dict:
     if rb is not None and (not isinstance(rb, int) or isinstance(rb, bool) or not 2 <= rb <= 8):
         raise FormatError(f"{cfg_path}: qdec.residual_bits must be null or an int in 2..8, "
                           f"got {rb!r}")
+    block = config.get("quantization_config")
+    if isinstance(block, Mapping) and block.get("quant_method") == QUANT_METHOD:
+        settings = read_quantization_config(block, cfg_path)
+        for key in _BLOCK_KEYS:
+            if settings[key] != section.get(key):
+                raise FormatError(f"{cfg_path}: quantization_config.{key} is {settings[key]!r} "
+                                  f"but qdec.{key} is {section.get(key)!r}")
     return section
 
 
@@ -565,6 +659,42 @@ def read_qdec_checkpoint(path: str | os.PathLike, *, load_residual: bool = True,
     return QDECCheckpoint(str(path), config, linears, tensors, residual)
 
 
+def verify_qdec_checkpoint(path: str | os.PathLike, *, require_residual: bool = False
+                           ) -> QDECCheckpoint:
+    """Validate a whole QDEC checkpoint without copying its residual store.
+
+    Everything :func:`read_qdec_checkpoint` checks, plus every tensor of
+    ``residual.safetensors`` against the base weights (memory-mapped, not
+    loaded). A server calls this before it uses any weight.
+
+    Args:
+        require_residual: also refuse a checkpoint in which some quantized module
+            has no residual (a server that compensates every projection needs one).
+
+    Returns:
+        The checkpoint with ``residual=None`` (tensors memory-mapped).
+
+    Raises:
+        FormatError: naming the file and tensor that is missing or malformed.
+    """
+    ckpt = read_qdec_checkpoint(path, load_residual=False)
+    res_path = Path(ckpt.path) / RESIDUAL_FILE
+    if ckpt.qdec.get("residual_bits") is None:
+        if require_residual:
+            raise FormatError(f"{res_path}: file missing (and {Path(ckpt.path) / CONFIG_FILE} "
+                              f"has qdec.residual_bits null); every quantized module needs a "
+                              f"residual, e.g. tensor {next(iter(ckpt.linears))}.residual")
+        return ckpt
+    shapes = {n: (w.in_features, w.out_features) for n, w in ckpt.linears.items()}
+    _, pairs = read_residual_file(res_path, shapes)
+    if require_residual:
+        missing = [n for n in ckpt.linears if n not in pairs]
+        if missing:
+            raise FormatError(f"{res_path}: tensor {missing[0]}.residual missing ({len(missing)} "
+                              f"quantized modules have no residual)")
+    return ckpt
+
+
 def save_quantization_result(path: str | os.PathLike, result, model: torch.nn.Module, *,
                              overwrite: bool = False,
                              extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
@@ -606,7 +736,8 @@ def save_quantization_result(path: str | os.PathLike, result, model: torch.nn.Mo
 
 __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "ImportedCheckpoint", "MODEL_FILE", "PackedWeight",
-    "QDECCheckpoint", "checkpoint_config", "model_file_metadata", "read_qdec_checkpoint",
-    "save_quantization_result",
+    "QDECCheckpoint", "QUANT_METHOD", "checkpoint_config", "model_file_metadata",
+    "quantization_config_block", "read_qdec_checkpoint", "read_quantization_config",
+    "save_quantization_result", "verify_qdec_checkpoint",
     "write_qdec_checkpoint",
 ]

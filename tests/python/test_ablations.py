@@ -155,6 +155,20 @@ def _notebooks() -> list[Path]:
     return sorted(NOTEBOOKS.glob("*.ipynb"))
 
 
+def test_tp_selection(setup, tmp_path):
+    r = ab.tp_selection(setup, fractions=(0.1,), degrees=(1, 2))
+    assert [(row["fraction"], row["tp"]) for row in r["rows"]] == [(0.1, 1), (0.1, 2)]
+    one, two = r["rows"]
+    # Only the row-parallel layers (o_proj, down_proj) split; their channel
+    # counts round up per slice.
+    assert two["channels_per_token"] >= one["channels_per_token"]
+    assert one["ppl"] != setup.quantized["ppl"]
+    assert "| k | tp |" in ab.tp_selection_table(r)
+    for _, layer in setup.layers():
+        assert layer.selection_shards == 1
+    assert_restored(setup)
+
+
 def test_every_notebook_is_there():
     assert sorted(p.stem for p in _notebooks()) == sorted(EXPECTED_NOTEBOOKS)
 

@@ -182,7 +182,7 @@ def test_checkpoint_round_trip_and_conversion_to_qdec(tmp_path):
     qd = ck.write(tmp_path / "qdec")
     back = read_qdec_checkpoint(qd)
     assert back.qdec["method"] == "autoawq-gemm"
-    assert "quantization_config" not in back.config
+    assert back.config["quantization_config"]["quant_method"] == "qdec"
     assert back.qdec["source"]["quantization_config"]["quant_method"] == "awq"
     w = back.linears["model.layers.0.mlp.up_proj"]
     assert torch.equal(dequantize_ref(w.qweight, w.scales, w.zeros, 4, G, K), expected)

@@ -23,6 +23,11 @@ from qdec.formats import (
     save_safetensors,
     write_qdec_checkpoint,
 )
+from qdec.formats.qdec_checkpoint import (
+    quantization_config_block,
+    read_quantization_config,
+    verify_qdec_checkpoint,
+)
 from qdec.formats.safetensors_io import SafetensorsFile
 from qdec.packing import pack_codes
 from qdec.quant.grid import QuantizedWeight
@@ -80,7 +85,9 @@ def test_round_trip(tmp_path):
     assert ck.qdec["method"] == "gptq" and ck.qdec["format_version"] == 1
     assert ck.qdec["quantized_modules"] == list(LAYERS)
     assert ck.qdec["bits"] is None and ck.qdec["residual_bits"] == 4  # mixed bits -> null
-    assert "quantization_config" not in ck.config  # moved to qdec.source
+    # The source's block moved to qdec.source; the new block names QDEC.
+    assert ck.config["quantization_config"] == quantization_config_block(ck.qdec)
+    assert ck.config["quantization_config"]["quant_method"] == "qdec"
     assert ck.qdec["source"]["quantization_config"]["quant_method"] == "awq"
     assert ck.hf_config()["hidden_size"] == 96
     for name, w in args["linears"].items():
@@ -246,9 +253,14 @@ def test_reader_config_and_residual_errors(tmp_path):
     cfg["qdec"]["format_version"] = 1
     cfg["qdec"]["residual_bits"] = None
     (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"quantization_config.residual_bits is 4 but "
+                                          r"qdec.residual_bits is None"):
+        read_qdec_checkpoint(path)
+    cfg["quantization_config"]["residual_bits"] = None
+    (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="residual_bits null"):
         read_qdec_checkpoint(path)
-    cfg["qdec"]["residual_bits"] = 4
+    cfg["qdec"]["residual_bits"] = cfg["quantization_config"]["residual_bits"] = 4
     (path / "config.json").write_text(json.dumps(cfg))
     os.remove(path / "residual.safetensors")
     with pytest.raises(FormatError, match=r"residual\.safetensors: file missing"):
@@ -257,6 +269,50 @@ def test_reader_config_and_residual_errors(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="not a QDEC checkpoint"):
         read_qdec_checkpoint(path)
+
+
+def test_quantization_config_block(tmp_path):
+    """One definition of config.json's quantization_config, read back from the block,
+    from a whole config, or from an older checkpoint's "qdec" section alone."""
+    path, _ = build(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    block = cfg["quantization_config"]
+    assert block == {"quant_method": "qdec", "format_version": 1, "bits": None,
+                     "group_size": cfg["qdec"]["group_size"],
+                     "symmetric": cfg["qdec"]["symmetric"], "residual_bits": 4}
+    expected = {**{k: v for k, v in block.items() if k != "quant_method"}, "k": 0}
+    assert read_quantization_config(block) == expected
+    assert read_quantization_config(cfg) == expected
+    old = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    assert read_quantization_config(old) == expected
+    assert read_quantization_config({**block, "k": {"down_proj": 0.05, "q_proj": 3}})["k"] == {
+        "down_proj": 0.05, "q_proj": 3}
+    with pytest.raises(FormatError, match=r"cfg: quantization_config.k as a fraction must be"):
+        read_quantization_config({**block, "k": 1.5}, "cfg")
+    with pytest.raises(FormatError, match=r"quant_method is 'awq'; expected 'qdec'"):
+        read_quantization_config({"quantization_config": {"quant_method": "awq"}})
+    with pytest.raises(FormatError, match="residual_bits must be null or an int in 2..8"):
+        read_quantization_config({**block, "residual_bits": 9})
+    with pytest.raises(FormatError, match="not a QDEC checkpoint"):
+        read_quantization_config({"model_type": "llama"})
+
+
+def test_verify_checkpoint_checks_residual_tensors_without_loading(tmp_path):
+    path, _ = build(tmp_path)
+    ck = verify_qdec_checkpoint(path)
+    assert ck.residual is None and set(ck.linears) == set(LAYERS)
+    # build() leaves o_proj without a residual: refused when every module needs one.
+    with pytest.raises(FormatError, match=r"residual\.safetensors: tensor "
+                                          r"model\.layers\.0\.self_attn\.o_proj\.residual missing"):
+        verify_qdec_checkpoint(path, require_residual=True)
+    f = SafetensorsFile(path / "residual.safetensors")
+    tensors = {k: f.get(k).clone() for k in f.keys()}
+    name = "model.layers.0.mlp.down_proj.residual"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_safetensors(tensors, path / "residual.safetensors", f.metadata, overwrite=True)
+    with pytest.raises(FormatError, match=r"residual\.safetensors: tensor "
+                                          r"'model\.layers\.0\.mlp\.down_proj\.residual' has"):
+        verify_qdec_checkpoint(path)
 
 
 def test_residual_file_shape_mismatch(tmp_path):

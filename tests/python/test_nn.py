@@ -67,6 +67,35 @@ def test_dense_simulation_equals_op_path(policy):
     torch.testing.assert_close(m(x), y_ops, rtol=1e-5, atol=1e-5)
 
 
+def test_selection_shards_select_locally_per_slice():
+    """selection_shards = s: each of s contiguous input slices takes its own top
+    ceil(k/s) |x| (a row-parallel rank under tensor parallelism), on the op path
+    and the dense simulation alike; s = 1 is the global top-k."""
+    m = build(k=5, bias=False)
+    x = torch.randn(4, 96)
+    x[:, :48] *= 10  # every global outlier sits in the first half
+    m.selection_shards = 2
+    assert m.channels_per_token == 6  # 2 * ceil(5 / 2)
+    ch = m.select_channels(x)
+    assert ch.shape == (4, 6)
+    for row, xr in zip(ch, x):
+        for i, half in enumerate((row[:3], row[3:])):
+            lo = i * 48
+            want = xr[lo:lo + 48].abs().topk(3).indices + lo
+            assert sorted(half.tolist()) == sorted(want.tolist())
+    want = ref.compensated_linear_ref(x, m.qweight, m.scales, m.zeros, 3, 32, m.residual,
+                                      m.residual_scales, 4, 6, ch)
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    m.simulate_dense = True
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    assert m.fetched_bytes_per_token == 6 * m.residual.shape[1] * 4
+    with pytest.raises(ValueError, match="divide in_features=96"):
+        m.selection_shards = 5
+    m.policy = "static"
+    with pytest.raises(ValueError, match="dynamic policy only"):
+        m.select_channels(x)
+
+
 def test_policies_pick_expected_channels():
     m = build(k=4, policy="static")
     m.set_static_channels(torch.tensor([5, 9, 1, 3, 7]))

@@ -64,6 +64,10 @@ inline void span_factors(const float* scale, const QuantizedActivations& x, int6
   for (int t = 0; t < BT; ++t) {
     const float* d = x.span_scale + (b0 + t) * x.spans;
     float* f = factors + t * x.spans;
+    if (x.spans_per_group == 1) {  // G <= 128: one span per group, a vectorisable product
+      for (int64_t sp = 0; sp < x.spans; ++sp) f[sp] = scale[sp] * d[sp];
+      continue;
+    }
     for (int64_t g = 0, sp = 0; sp < x.spans; ++g) {
       const int64_t sp_end = sp + x.spans_per_group < x.spans ? sp + x.spans_per_group : x.spans;
       for (; sp < sp_end; ++sp) f[sp] = scale[g] * d[sp];

@@ -247,7 +247,7 @@ def run(args) -> dict:
                      "commit": git_commit(), "logical_cpus": os.cpu_count(),
                      "llama_cpp": llama_info, "gguf": str(gguf), "prompt": args.prompt,
                      "prompt_tokens": len(ids), "new_tokens": args.tokens,
-                     "repeats": args.repeats,
+                     "repeats": args.repeats, "note": args.note,
                      "checkpoints": {v: f"qdec quantize --method rtn --bits {VARIANTS[v][0]} "
                                         f"--group-size {VARIANTS[v][1]} (residual 4-bit)"
                                      for v in variants}},
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved rounds; medians are reported (default %(default)s)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result (default %(default)s)")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     args = p.parse_args(argv)
     if args.tokens < 2 or args.repeats < 1:
         p.error("--tokens must be >= 2 and --repeats >= 1")

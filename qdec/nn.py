@@ -7,6 +7,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -308,9 +309,7 @@ class QDECLinear(nn.Module):
         if self.policy == "dynamic":
             return None
         if self.policy == "static":
-            if self.static_channels is None or self.static_channels.numel() < k:
-                raise RuntimeError("static policy needs set_static_channels() with >= k channels")
-            return self.static_channels[:k].to(x2d.device).expand(rows, k).contiguous()
+            return self._static_channels(k).to(x2d.device).expand(rows, k).contiguous()
         if self.policy == "random":
             if self._rng is None:
                 self._rng = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -320,6 +319,12 @@ class QDECLinear(nn.Module):
             return scores.topk(k, dim=-1).indices.to(x2d.device)
         score = x2d.float().abs() * self._col_norms().to(x2d.device)
         return ops.outlier_select(score, k)
+
+    def _static_channels(self, k: int) -> Tensor:
+        """The static policy's first ``k`` channels (int64 ``[k]``)."""
+        if self.static_channels is None or self.static_channels.numel() < k:
+            raise RuntimeError("static policy needs set_static_channels() with >= k channels")
+        return self.static_channels[:k]
 
     def layer_input(self, x: Tensor) -> Tensor:
         """``x`` in the order of the packed weight's columns (the input
@@ -352,29 +357,40 @@ class QDECLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _forward_dense(self, x: Tensor, k: int) -> Tensor:
-        """The same per-token result as the ops, computed as two dense GEMMs:
-        ``x @ W_hat^T + (x * mask) @ R^T`` where ``mask`` keeps each row's
-        selected channels. Used by evaluation, where thousands of tokens per
-        pass make a BLAS GEMM far faster than per-token row gathers; the
-        equality with the op path is tested."""
-        if self._dense_cache is None:
-            from .reference import residual_rows_ref
+        """The same per-token result as the ops, computed with BLAS: ``x @
+        W_hat^T`` plus each row's ``sum_{j in S} x[j] R[:, j]``. Used by
+        evaluation, where thousands of tokens per pass make a GEMM far faster
+        than per-token decode; the equality with the op path is tested.
 
+        The compensation reads only the selected rows of ``R^T``: ``k`` of
+        ``K`` channels per token is a sparse product, so it is one
+        ``embedding_bag`` (a weighted sum of ``k`` rows per token) rather than
+        a dense ``(x * mask) @ R^T`` that multiplies ``K - k`` zeros per row;
+        the static policy, one channel set for all rows, is a ``[rows, k] x
+        [k, N]`` GEMM. Same sums, in another order (float32 rounding only)."""
+        if self._dense_cache is None:
             w = ops.dequantize(*self._weight_args(torch.float32), self.in_features)
-            r = None
+            rt = None  # float32 [K, N]: row j is channel j's residual R[:, j]
             if self.residual is not None:
-                r = residual_rows_ref(self.residual, self.residual_scales.cpu(),
-                                      self.residual_bits).t().contiguous().to(w.device)
-            self._dense_cache = (w, r)
-        w, r = self._dense_cache
+                # Every row of the host store, decoded by the CPU op (the
+                # Python reference unpacks bit by bit in int64: seconds per model).
+                every = torch.arange(self.in_features, dtype=torch.int64)
+                rt = ops.residual_gather(self.residual, self.residual_scales.cpu(), every,
+                                         self.residual_bits).to(w.device)
+            self._dense_cache = (w, rt)
+        w, rt = self._dense_cache
         x2d = x.reshape(-1, self.in_features).float()
         y = x2d @ w.t()
         if k > 0:
-            channels = self.select_channels(x2d)
-            if channels is None:
-                channels = ops.outlier_select(x2d, k)
-            masked = torch.zeros_like(x2d).scatter_(1, channels, x2d.gather(1, channels))
-            y = y + masked @ r.t()
+            if self.policy == "static":
+                channels = self._static_channels(k).to(x2d.device)
+                y.addmm_(x2d.index_select(1, channels), rt.index_select(0, channels))
+            else:
+                channels = self.select_channels(x2d)
+                if channels is None:
+                    channels = ops.outlier_select(x2d, k)
+                y += F.embedding_bag(channels, rt, per_sample_weights=x2d.gather(1, channels),
+                                     mode="sum")
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def clear_dense_cache(self) -> None:

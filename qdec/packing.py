@@ -47,17 +47,25 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     blocks = (cols + BLOCK - 1) // BLOCK
     padded = torch.zeros(rows, blocks * BLOCK, dtype=torch.int64, device=codes.device)
     padded[:, :cols] = codes.to(torch.int64)
-    # Bit b of value i of a block lands at global bit bits*i + b of that block.
-    vals = padded.view(rows, blocks, BLOCK)
-    bit_idx = torch.arange(bits, device=codes.device)
-    bitvals = (vals.unsqueeze(-1) >> bit_idx) & 1  # [rows, blocks, 32, bits]
-    bitvals = bitvals.reshape(rows, blocks, bits, BLOCK)  # global bit order, 32 per word
-    weights = torch.ones(BLOCK, dtype=torch.int64, device=codes.device) << torch.arange(
-        BLOCK, device=codes.device
-    )
-    words = (bitvals * weights).sum(-1)  # [rows, blocks, bits] as uint32 values
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    # Value i of a block starts at bit bits*i: word (bits*i) // 32, shift
+    # (bits*i) % 32. Shifted in int64, its low 32 bits belong to that word and
+    # the rest (a straddling value) to the next. Values occupy disjoint bits,
+    # so adding the pieces equals OR-ing them; one shift per value, instead of
+    # one int64 per bit, keeps the temporaries ~8x the codes' size.
+    word, shift = _bit_positions(bits, codes.device)
+    shifted = padded.view(rows, blocks, BLOCK) << shift
+    words = torch.zeros(rows, blocks, bits + 1, dtype=torch.int64, device=codes.device)
+    words.index_add_(2, word, shifted & 0xFFFFFFFF)
+    words.index_add_(2, word + 1, shifted >> 32)  # the extra word stays 0: blocks end on a word
+    words = words[..., :bits]
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # as int32 bit patterns
     return words.reshape(rows, blocks * bits).to(torch.int32)
+
+
+def _bit_positions(bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(word, shift) int64 ``[32]``: where value ``i`` of a block starts."""
+    offsets = torch.arange(BLOCK, device=device) * bits
+    return offsets // 32, offsets % 32
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -75,14 +83,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             f"need {packed_words(cols, bits)}"
         )
     blocks = packed.shape[1] // bits
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(BLOCK, device=packed.device)
-    bitvals = (words.view(rows, blocks, bits, 1) >> shifts) & 1  # [rows, blocks, bits, 32]
-    bitvals = bitvals.reshape(rows, blocks, BLOCK, bits)
-    weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(
-        bits, device=packed.device
-    )
-    vals = (bitvals * weights).sum(-1).reshape(rows, blocks * BLOCK)
+    # Each value is the bits above its shift in its word, plus (if it
+    # straddles) the low bits of the next word; a zero word after each block
+    # makes "the next word" always exist.
+    words = torch.zeros(rows, blocks, bits + 1, dtype=torch.int64, device=packed.device)
+    words[..., :bits] = packed.view(rows, blocks, bits).to(torch.int64) & 0xFFFFFFFF
+    word, shift = _bit_positions(bits, packed.device)
+    vals = (words.index_select(2, word) >> shift) | (words.index_select(2, word + 1) << (32 - shift))
+    vals = (vals & ((1 << bits) - 1)).reshape(rows, blocks * BLOCK)
     return vals[:, :cols].to(torch.uint8)
 
 

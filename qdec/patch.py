@@ -209,8 +209,11 @@ def static_channels_from_calibration(model: nn.Module, input_ids: Tensor) -> dic
     try:
         saved = {n: (m.k, m.simulate_dense) for n, m in qdec_layers(model)}
         configure(model, k=0)
+        # Only the linears' inputs are wanted: a transformers causal LM runs
+        # its decoder alone, without the LM head (vocab x hidden per token).
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model
         for row in input_ids:
-            model(row.unsqueeze(0))
+            body(row.unsqueeze(0))
     finally:
         for h in hooks:
             h.remove()

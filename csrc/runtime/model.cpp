@@ -1,8 +1,10 @@
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
+#include "decode_cpu.h"
 #include "qdec/ops.h"
 
 namespace qdec::runtime {
@@ -260,7 +262,28 @@ KVCache LlamaModel::new_cache(int64_t capacity) const {
     cache.k.push_back(at::zeros({1, config_.num_kv_heads, capacity, config_.head_dim}, opts));
     cache.v.push_back(at::zeros({1, config_.num_kv_heads, capacity, config_.head_dim}, opts));
   }
+  // RoPE as transformers computes it (float32 positions x inv_freq, both
+  // halves, cos/sin, then the compute dtype), for every position at once:
+  // each entry depends only on its own position.
+  auto pos = at::arange(capacity, at::TensorOptions().dtype(at::kLong).device(options_.device)).to(at::kFloat);
+  auto freqs = pos.unsqueeze(-1) * inv_freq_.to(options_.device).unsqueeze(0);  // [capacity, hd/2]
+  auto emb = at::cat({freqs, freqs}, -1);
+  cache.rope_cos = emb.cos().to(options_.dtype).contiguous();
+  cache.rope_sin = emb.sin().to(options_.dtype).contiguous();
+  if (fast_decode()) {
+    auto& w = cache.work;
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    w.h = at::empty({1, config_.hidden_size}, f32);
+    w.x = at::empty({1, config_.hidden_size}, f32);
+    w.attn = at::empty({1, config_.num_heads * config_.head_dim}, f32);
+    w.scores = at::empty({config_.num_heads, capacity}, f32);
+    w.logits = at::empty({1, config_.vocab_size}, f32);
+  }
   return cache;
+}
+
+bool LlamaModel::fast_decode() const {
+  return options_.device.is_cpu() && options_.dtype == at::kFloat;
 }
 
 at::Tensor LlamaModel::rms_norm(const at::Tensor& x, const at::Tensor& w) const {
@@ -291,16 +314,16 @@ at::Tensor LlamaModel::forward(const at::Tensor& ids, KVCache& cache) const {
   const auto ids_cpu = ids.to(at::kCPU, at::kLong);  // checked on the host: no device sync per step
   if (ids_cpu.min().item<int64_t>() < 0 || ids_cpu.max().item<int64_t>() >= c.vocab_size)
     throw std::invalid_argument("forward: token id outside the vocabulary of " + std::to_string(c.vocab_size));
+  if (T == 1 && fast_decode()) {
+    decode_cpu(ids_cpu.item<int64_t>(), cache);
+    return cache.work.logits.view({c.vocab_size}).clone();
+  }
   const auto ids_dev = ids_cpu.reshape({1, T}).to(dev);
 
   at::Tensor h = at::embedding(embed_, ids_dev);  // [1, T, H]
 
-  // RoPE for these positions, as transformers computes it per call.
-  auto pos = at::arange(pos0, pos0 + T, at::TensorOptions().dtype(at::kLong).device(dev)).to(at::kFloat);
-  auto freqs = pos.unsqueeze(-1) * inv_freq_.to(dev).unsqueeze(0);  // [T, hd/2]
-  auto emb = at::cat({freqs, freqs}, -1);
-  const auto cos = emb.cos().to(options_.dtype).view({1, 1, T, c.head_dim});
-  const auto sin = emb.sin().to(options_.dtype).view({1, 1, T, c.head_dim});
+  const auto cos = cache.rope_cos.slice(0, pos0, pos0 + T).view({1, 1, T, c.head_dim});
+  const auto sin = cache.rope_sin.slice(0, pos0, pos0 + T).view({1, 1, T, c.head_dim});
 
   // Causal masking: a fresh prefill uses is_causal; a chunk appended to a
   // non-empty cache needs an explicit mask (query i sees keys <= pos0 + i).
@@ -336,6 +359,67 @@ at::Tensor LlamaModel::forward(const at::Tensor& ids, KVCache& cache) const {
   cache.length += T;
   auto last = rms_norm(h.select(1, T - 1), final_norm_);  // [1, H]
   return at::linear(last, lm_head_).to(at::kFloat).reshape({c.vocab_size});
+}
+
+at::Tensor LlamaModel::decode(int64_t id, KVCache& cache) const {
+  if (!fast_decode()) return forward(at::tensor(std::vector<int64_t>{id}, at::kLong), cache);
+  if (id < 0 || id >= config_.vocab_size)
+    throw std::invalid_argument("decode: token id " + std::to_string(id) + " outside the vocabulary of " +
+                                std::to_string(config_.vocab_size));
+  if (cache.length + 1 > cache.capacity)
+    throw std::invalid_argument("decode: KV cache holds " + std::to_string(cache.capacity) + " positions, " +
+                                std::to_string(cache.length + 1) + " needed");
+  decode_cpu(id, cache);
+  return cache.work.logits.view({config_.vocab_size});
+}
+
+void LlamaModel::decode_cpu(int64_t id, KVCache& cache) const {
+  namespace dc = decode_cpu;
+  const auto& c = config_;
+  auto& w = cache.work;
+  if (!w.h.defined())
+    throw std::logic_error("decode: this KVCache has no CPU workspace (made by another model's new_cache?)");
+  const int64_t H = c.hidden_size, hd = c.head_dim, pos = cache.length;
+  const double eps = c.rms_norm_eps;
+  float* h = w.h.data_ptr<float>();
+  float* x = w.x.data_ptr<float>();
+  float* attn = w.attn.data_ptr<float>();
+  const float* cos = cache.rope_cos.data_ptr<float>() + pos * hd;
+  const float* sin = cache.rope_sin.data_ptr<float>() + pos * hd;
+  std::copy_n(embed_.data_ptr<float>() + id * H, H, h);
+
+  // The qdec ops return fresh contiguous [1, N] float32 tensors; the rest of
+  // the step works in place on them and on the workspace.
+  auto out = [](const at::Tensor& y) { return y.contiguous(); };
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const auto& L = layers_[li];
+    dc::rms_norm(h, L.input_norm.data_ptr<float>(), H, eps, x);
+    at::Tensor q = out(L.q.forward(w.x));
+    const at::Tensor k = out(L.k.forward(w.x));
+    const at::Tensor v = out(L.v.forward(w.x));
+    dc::rope(q.data_ptr<float>(), cos, sin, c.num_heads, hd);
+    // K and V go straight into this position's cache rows, K rotated there.
+    float* kc = cache.k[li].data_ptr<float>();
+    float* vc = cache.v[li].data_ptr<float>();
+    for (int64_t g = 0; g < c.num_kv_heads; ++g) {
+      float* krow = kc + (g * cache.capacity + pos) * hd;
+      std::copy_n(k.data_ptr<float>() + g * hd, hd, krow);
+      dc::rope(krow, cos, sin, 1, hd);
+      std::copy_n(v.data_ptr<float>() + g * hd, hd, vc + (g * cache.capacity + pos) * hd);
+    }
+    dc::attend(q.data_ptr<float>(), kc, vc, c.num_heads, c.num_kv_heads, hd, cache.capacity, pos + 1,
+               1.0 / std::sqrt(static_cast<double>(hd)), w.scores.data_ptr<float>(), attn);
+    dc::add_inplace(h, out(L.o.forward(w.attn)).data_ptr<float>(), H);
+    dc::rms_norm(h, L.post_norm.data_ptr<float>(), H, eps, x);
+    at::Tensor gate = out(L.gate.forward(w.x));
+    const at::Tensor up = out(L.up.forward(w.x));
+    dc::silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), c.intermediate_size);
+    dc::add_inplace(h, out(L.down.forward(gate)).data_ptr<float>(), H);
+  }
+  dc::rms_norm(h, final_norm_.data_ptr<float>(), H, eps, x);
+  // Same BLAS call as at::linear(x, lm_head) (matmul -> mm), written in place.
+  at::mm_out(w.logits, w.x, lm_head_.t());
+  cache.length += 1;
 }
 
 size_t LlamaModel::weight_bytes() const {

@@ -62,9 +62,23 @@ struct DecoderLayer {
   std::vector<const Linear*> linears() const { return {&q, &k, &v, &o, &gate, &up, &down}; }
 };
 
+// Buffers of the float32 CPU decode step (LlamaModel::decode), allocated
+// once with the cache so a step allocates nothing vocabulary- or
+// context-sized (the qdec ops still return their own [1, N] outputs).
+struct DecodeWorkspace {
+  at::Tensor h, x;      // [1, hidden]: the residual stream and a normed copy
+  at::Tensor attn;      // [1, heads * head_dim]: attention output
+  at::Tensor scores;    // [heads, capacity]: attention weights
+  at::Tensor logits;    // [1, vocab]
+};
+
 struct KVCache {
   std::vector<at::Tensor> k, v;  // per layer [1, kv_heads, capacity, head_dim]
   int64_t length = 0, capacity = 0;
+  // RoPE cos/sin of positions 0..capacity-1, [capacity, head_dim] in the
+  // compute dtype, computed once as transformers computes them per call.
+  at::Tensor rope_cos, rope_sin;
+  DecodeWorkspace work;  // defined on the float32 CPU path only
 };
 
 struct RuntimeOptions {
@@ -90,8 +104,13 @@ class LlamaModel {
 
   KVCache new_cache(int64_t capacity) const;
   // Appends ids [T] (int64) at positions cache.length..+T and returns the
-  // float32 logits [vocab] of the last position.
+  // float32 logits [vocab] of the last position (a new tensor).
   at::Tensor forward(const at::Tensor& ids, KVCache& cache) const;
+  // One decode step: appends `id` and returns the float32 logits [vocab].
+  // On the float32 CPU path they are a view of the cache's workspace, valid
+  // until the next call with this cache (clone to keep them); elsewhere this
+  // is forward() of one id.
+  at::Tensor decode(int64_t id, KVCache& cache) const;
 
   size_t weight_bytes() const;    // everything on the compute device
   size_t residual_bytes() const;  // the host residual store
@@ -99,6 +118,9 @@ class LlamaModel {
  private:
   at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w) const;
   at::Tensor rope_inv_freq() const;
+  // Float32 CPU: one token through preallocated buffers (decode_cpu.h).
+  bool fast_decode() const;
+  void decode_cpu(int64_t id, KVCache& cache) const;
 
   ModelConfig config_;
   RuntimeOptions options_;

@@ -5,6 +5,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -62,13 +63,18 @@ compensation
 runtime
   --device DEV           cpu (default) or cuda[:i]
   --dtype T              float32 (default), float16, bfloat16
-  --threads N            intra-op CPU threads (default: libtorch's choice)
+  --threads N            CPU threads for every parallel part of a step (the qdec
+                         ops, attention, BLAS; at::set_num_threads, which also
+                         caps OpenMP and MKL); default: libtorch's choice
 output
   --dump-logits FILE     write float32 logits [steps, vocab] (step 0: the prompt's
                          last position, then each generated step) and the chosen
                          tokens as a safetensors file
   --no-stream            print the text at the end instead of token by token
   --quiet                no statistics on stderr
+  --stats-json FILE      write the timings as JSON: prompt/generated tokens,
+                         prefill and decode seconds (wall), decode CPU seconds
+                         (the process, all threads), threads, peak RSS
 )";
 
 [[noreturn]] void usage_error(const std::string& msg) {
@@ -77,7 +83,7 @@ output
 }
 
 struct Args {
-  std::string model, prompt, tokenizer, dump_logits;
+  std::string model, prompt, tokenizer, dump_logits, stats_json;
   bool have_prompt = false, have_ids = false, tokenize_only = false;
   std::vector<int64_t> ids;
   int64_t max_new_tokens = 64;
@@ -171,6 +177,7 @@ Args parse_args(int argc, char** argv) {
       else if (f == "--dump-logits") a.dump_logits = value();
       else if (f == "--no-stream") a.stream = false;
       else if (f == "--quiet") a.quiet = true;
+      else if (f == "--stats-json") a.stats_json = value();
       else usage_error("unknown option " + f);
     } catch (const std::invalid_argument& e) {
       usage_error(f + ": " + e.what());
@@ -202,6 +209,22 @@ std::pair<size_t, size_t> rss_bytes() {
 }
 
 double mib(size_t b) { return static_cast<double>(b) / (1 << 20); }
+
+// CPU time of the whole process (every thread) in seconds.
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// Threads the process has now (/proc/self/status), to check --threads.
+int64_t os_thread_count() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("Threads:", 0) == 0) return std::stoll(line.substr(8));
+  return -1;
+}
 
 // Length of the longest prefix of s that ends on a UTF-8 character boundary.
 size_t complete_utf8_prefix(const std::string& s) {
@@ -304,6 +327,7 @@ int run(const Args& args) {
   // the copy waits for the device, so the timings below are honest on CUDA.
   at::Tensor logits = model.forward(at::tensor(prompt, at::kLong), cache).to(at::kCPU);
   const auto t1 = Clock::now();
+  const double cpu1 = process_cpu_seconds();
   for (int64_t step = 0; step < args.max_new_tokens; ++step) {
     const int64_t next = sampler.next(logits);
     if (!args.dump_logits.empty()) step_logits.push_back(logits.clone());
@@ -316,9 +340,13 @@ int run(const Args& args) {
     }
     const bool eos = std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) != cfg.eos_token_ids.end();
     if ((eos && !args.ignore_eos) || step + 1 == args.max_new_tokens) break;
-    logits = model.forward(at::tensor(std::vector<int64_t>{next}, at::kLong), cache).to(at::kCPU);
+    // decode() reuses the cache's buffers (the logits are overwritten next
+    // step, which is why --dump-logits clones them above).
+    logits = model.decode(next, cache).to(at::kCPU);
   }
   const auto t2 = Clock::now();
+  const double cpu2 = process_cpu_seconds();
+  const int64_t os_threads = os_thread_count();
 
   if (tok) {
     if (args.stream) std::cout << text_bytes.substr(printed) << "\n";
@@ -339,16 +367,30 @@ int run(const Args& args) {
                       {"compensate_prefill", args.compensate_prefill ? "true" : "false"}});
   }
 
+  const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
+  const double decode_s = std::chrono::duration<double>(t2 - t1).count();
+  const double decode_cpu_s = cpu2 - cpu1;
+  const int64_t decode_steps = std::max<int64_t>(static_cast<int64_t>(generated.size()) - 1, 0);
+  const auto [rss, peak] = rss_bytes();
+  if (!args.stats_json.empty()) {
+    std::ofstream js(args.stats_json);
+    if (!js) throw std::runtime_error("cannot write --stats-json " + args.stats_json);
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "{\"prompt_tokens\": %zu, \"generated_tokens\": %zu, \"decode_steps\": %lld, "
+                  "\"prefill_seconds\": %.6f, \"decode_seconds\": %.6f, \"decode_cpu_seconds\": %.6f, "
+                  "\"threads\": %d, \"os_threads\": %lld, \"peak_rss_mib\": %.1f}\n",
+                  prompt.size(), generated.size(), static_cast<long long>(decode_steps), prefill_s, decode_s,
+                  decode_cpu_s, at::get_num_threads(), static_cast<long long>(os_threads), mib(peak));
+    js << buf;
+  }
   if (!args.quiet) {
-    const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
-    const double decode_s = std::chrono::duration<double>(t2 - t1).count();
-    const int64_t decode_steps = std::max<int64_t>(static_cast<int64_t>(generated.size()) - 1, 0);
-    const auto [rss, peak] = rss_bytes();
     std::fprintf(stderr,
                  "qdec_infer: prompt %zu tokens, prefill %.3f s (%.1f tokens/s); generated %zu tokens, "
-                 "decode %.3f s (%.2f tokens/s); threads %d\n",
+                 "decode %.3f s (%.2f tokens/s, %.2f per CPU-second); threads %d (%lld OS threads)\n",
                  prompt.size(), prefill_s, prompt.size() / std::max(prefill_s, 1e-9), generated.size(), decode_s,
-                 decode_steps / std::max(decode_s, 1e-9), at::get_num_threads());
+                 decode_steps / std::max(decode_s, 1e-9), decode_steps / std::max(decode_cpu_s, 1e-9),
+                 at::get_num_threads(), static_cast<long long>(os_threads));
     std::fprintf(stderr, "qdec_infer: memory: RSS %.1f MiB, peak RSS %.1f MiB (file mappings count once touched)\n",
                  mib(rss), mib(peak));
 #ifdef QDEC_RUNTIME_WITH_CUDA

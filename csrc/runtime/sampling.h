@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <random>
+#include <vector>
 
 namespace qdec::runtime {
 
@@ -21,11 +22,14 @@ class Sampler {
  public:
   explicit Sampler(const SamplingOptions& options) : options_(options), rng_(options.seed) {}
   // logits: float [vocab] on any device. Greedy ties go to the smaller id.
+  // Float32 logits on the CPU are read in place (no copy).
   int64_t next(const at::Tensor& logits);
 
  private:
   SamplingOptions options_;
   std::mt19937_64 rng_;
+  std::vector<int64_t> index_buf_;  // reused across calls: no vocabulary-sized allocation per token
+  std::vector<double> weight_buf_;
 };
 
 }  // namespace qdec::runtime

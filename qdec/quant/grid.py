@@ -65,7 +65,7 @@ def row_chunks(rows: int, cols: int) -> list[slice]:
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
     """:func:`qdec.packing.pack_codes`, run a chunk of rows at a time (its int64
-    temporaries are ~64x the codes' size)."""
+    temporaries are several times the codes' size)."""
     rows, cols = codes.shape
     return torch.cat([pack_codes(codes[sl], bits) for sl in row_chunks(rows, cols * 8)])
 

@@ -60,7 +60,7 @@ def test_zero_rows_and_chunking(monkeypatch):
     r = _residual(N=70, K=50)
     r[5] = 0
     full_q, full_s = residual_scale_search(r, 4)
-    monkeypatch.setattr(residual, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk
+    monkeypatch.setattr(residual, "SEARCH_ELEMENTS", 3 * 50 * 32)  # 3 rows (x 32 candidates) per chunk
     q, s = residual_scale_search(r, 4)
     assert torch.equal(q, full_q) and torch.equal(s, full_s)
     assert s[5] == 0 and (q[5] == 0).all()

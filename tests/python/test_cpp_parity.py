@@ -10,12 +10,19 @@ by token, exactly as ``qdec_infer`` does.
 Checked:
 * the C++ tokenizer gives the ids transformers gives for the checkpoint's
   tokenizer.json;
-* greedy generation gives identical tokens for 32 steps, without compensation
-  (k = 0) and with it (k = 5 % of each layer's inputs), and with per-layer k;
+* greedy generation gives the same tokens for 32 steps, without compensation
+  (k = 0) and with it (k = 5 % of each layer's inputs), and with per-layer k,
+  except after a near-tie (below);
 * the logits of the prompt's last position and of every generated step agree
-  within LOGIT_ATOL (max absolute difference; logits of SmolLM2 are O(10-30),
-  the differences seen are ~1e-5: float32 summation order in RMSNorm,
-  attention and the LM head);
+  within LOGIT_ATOL (max absolute difference; logits of SmolLM2 are O(10-30)).
+  The two sides differ by float32 summation order (RMSNorm, attention, LM head;
+  ~1e-5 when the GEMV was float), and the CPU GEMV rounds each linear's input
+  to int16 per 128 values (csrc/include/qdec/cpu_decode.h): with SmolLM2's
+  activation outliers (|x| in the hundreds beside O(1) values) that step is
+  ~1e-2 of a typical value, so tiny input differences move outputs by up to
+  that much, and through 30 layers the logits by ~1e-2 (seen: 0.012).
+  A greedy step whose top-2 margin is below 2 * LOGIT_ATOL is a near-tie
+  either side may take; the sequences are compared up to such a step only.
 * sampling is reproducible from the seed; bad inputs fail with clear messages.
 
 The binary comes from the environment: ``QDEC_INFER_BIN=<build>/qdec_infer``
@@ -41,11 +48,33 @@ pytestmark = pytest.mark.skipif(
            "qdec_infer) and export QDEC_INFER_BIN=<build>/qdec_infer")
 
 STEPS = 32          # greedy steps compared token by token
-LOGIT_ATOL = 1e-3   # max |logit_cpp - logit_python| allowed (seen: ~1e-5)
+LOGIT_ATOL = 5e-2   # max |logit_cpp - logit_python| allowed (seen: 0.012; see above)
 PROMPT = "The capital of France is"
 
 
 # ------------------------------------------------------------------ helpers ---
+
+def assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens, tok=None) -> int:
+    """Same tokens and logits within LOGIT_ATOL up to the first step where the
+    two sides pick differently, which must be a near-tie (Python's top-2
+    margin <= 2 * LOGIT_ATOL); returns the number of steps that agree."""
+    assert cpp_logits.shape == py_logits.shape
+    steps = len(py_tokens)
+    for i, (a, b) in enumerate(zip(cpp_tokens, py_tokens)):
+        if a != b:
+            top2 = py_logits[i].topk(2).values
+            margin = (top2[0] - top2[1]).item()
+            shown = f"{tok.decode(cpp_tokens)!r} vs {tok.decode(py_tokens)!r}" if tok else ""
+            assert margin <= 2 * LOGIT_ATOL, (
+                f"greedy tokens differ at step {i} where Python's top-2 margin is {margin:.3g} "
+                f"(> {2 * LOGIT_ATOL}: not a near-tie) {shown}")
+            steps = i
+            break
+    assert len(cpp_tokens) == len(py_tokens)
+    err = (cpp_logits[:steps + 1] - py_logits[:steps + 1]).abs().max().item()
+    assert err <= LOGIT_ATOL, f"max |dlogit| {err:.3g} over the first {steps + 1} steps"
+    return steps
+
 
 def _binary() -> str:
     path = Path(INFER_BIN)
@@ -228,14 +257,13 @@ def test_smollm2_greedy_parity(smol, tmp_path, k):
     cpp_logits, cpp_tokens = cpp_greedy(ckpt, ids, STEPS, tmp_path, "--k", k)
     py_logits, py_tokens = python_greedy(python_model(ckpt, k=float(k) if "." in k else int(k)),
                                          ids, STEPS)
-    assert cpp_tokens == py_tokens, (
-        f"greedy tokens differ at step {next(i for i, (a, b) in enumerate(zip(cpp_tokens, py_tokens)) if a != b)}:\n"
-        f"C++    {tok.decode(cpp_tokens)!r}\nPython {tok.decode(py_tokens)!r}")
     assert cpp_logits.shape == py_logits.shape == (STEPS, 49152)
-    err = (cpp_logits - py_logits).abs().max().item()
-    print(f"SmolLM2 k={k}: {STEPS} identical greedy tokens, max |dlogit| = {err:.3g} "
+    agree = assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens, tok)
+    err = (cpp_logits[:agree + 1] - py_logits[:agree + 1]).abs().max().item()
+    print(f"SmolLM2 k={k}: {agree} of {STEPS} greedy tokens identical, max |dlogit| = {err:.3g} "
           f"(max |logit| {py_logits.abs().max().item():.1f}): {tok.decode(cpp_tokens)!r}")
-    assert err <= LOGIT_ATOL
+    # Most of the run must agree: a near-tie at every step would mean drift.
+    assert agree >= STEPS // 4
 
 
 def test_smollm2_per_layer_k(smol, tmp_path):
@@ -251,8 +279,7 @@ def test_smollm2_per_layer_k(smol, tmp_path):
     model = python_model(ckpt, k=8)
     configure(model, k={"down_proj": 0.1, "model.layers.3.self_attn.q_proj": 0})
     py_logits, py_tokens = python_greedy(model, ids, steps)
-    assert cpp_tokens == py_tokens
-    assert (cpp_logits - py_logits).abs().max().item() <= LOGIT_ATOL
+    assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens, tok)
 
 
 def test_text_prompt_end_to_end(smol, tmp_path):
@@ -271,8 +298,7 @@ def test_tiny_random_model_parity(tiny, tmp_path, k):
     ids = [1, 100, 7, 300, 42, 9]
     cpp_logits, cpp_tokens = cpp_greedy(tiny, ids, 16, tmp_path, "--k", k)
     py_logits, py_tokens = python_greedy(python_model(tiny, k=int(k)), ids, 16)
-    assert cpp_tokens == py_tokens
-    assert (cpp_logits - py_logits).abs().max().item() <= LOGIT_ATOL
+    assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens)
 
 
 def test_sampling_reproducible(tiny, tmp_path):
@@ -326,8 +352,7 @@ def test_tune_config_parity(tiny, tmp_path):
     configure(model, k=tune.load_config(path, "10%"))
     assert json.loads(path.read_text())["targets"]["10%"]["k"]["down_proj"] > 0
     py_logits, py_tokens = python_greedy(model, ids, 12)
-    assert cpp_tokens == py_tokens
-    assert (cpp_logits - py_logits).abs().max().item() <= LOGIT_ATOL
+    assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens)
 
     proc = run_infer("--model", str(tiny), "--ids", "1", "--tune-config", str(path),
                      "--tune-target", "5%", check=False)

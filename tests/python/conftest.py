@@ -78,8 +78,9 @@ def cpu_decode_atol(x: torch.Tensor, layer: Layer) -> torch.Tensor:
     """Per-output error bound [B, N] of the CPU decode kernels against the
     float reference (derivation: csrc/include/qdec/cpu_decode.h).
 
-    The kernels round x to int16 per span, |x_k - x^_k| <= max_row|x| / 65534,
-    so the output moves by at most max|x| / 65534 * sum_k |w_k|. On top, the
+    The kernels represent x per span by two int16 terms, |x_k - x^_k| <=
+    max_row|x| / 32767 / 65536, so the output moves by at most that times
+    sum_k |w_k|. On top, the
     two float32 sums sum_g s_g d sum q xq and sum_g s_g z_g X_g (each term up
     to s * 2^bits * |x|) round at 2^-24 per add; 2^-18 * sum_k s_k 2^bits |x_k|
     covers that with room. x is [B, K] on any device; the bound is on CPU."""
@@ -91,7 +92,7 @@ def cpu_decode_atol(x: torch.Tensor, layer: Layer) -> torch.Tensor:
     dense = ref.dequantize_ref(*args, layer.K).float()
     group = layer.K if layer.group_size == -1 else layer.group_size
     scale = expand_groups(args[1].float().abs(), group, layer.K)
-    rounding = xf.abs().amax(dim=1, keepdim=True) / 65534 * dense.abs().sum(dim=1)
+    rounding = xf.abs().amax(dim=1, keepdim=True) / 32767 / 65536 * dense.abs().sum(dim=1)
     sums = 2.0 ** -18 * (xf.abs() @ (scale * (1 << layer.bits)).t())
     return rounding + sums
 

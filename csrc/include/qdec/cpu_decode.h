@@ -12,26 +12,29 @@
 // ---------------------------------------------------------------- the math
 // A weight row is w_k = s_g (q_k - z_g) with q the packed codes (bitpack.h),
 // so   y = sum_g s_g (sum_{k in g} q_k x_k  -  z_g X_g),   X_g = sum_{k in g} x_k.
-// The inner sums run in integers: x is quantized once per call, per "span" of
-// S consecutive inputs (S = 128, or 32/64 when the group size G is not a
-// multiple of 128), to int16 with one float scale d per span:
-//   x_k ~ d * xq_k,  |xq_k| <= 32767.
+// The inner sums run in integers: x is split once per call, per "span" of S
+// consecutive inputs (S = 128, or 32/64 when the group size G is not a
+// multiple of 128), into two int16 terms with one float scale d per span:
+//   x_k ~ d * (hi_k + lo_k / 32768),  d = max_span|x| / 32767,
+//   hi_k = round(x_k / d), lo_k = round((x_k - d hi_k) * 32768 / d).
 // Codes (< 256) times int16 fit the 16x16->32-bit multiply-add instructions
-// (vpmaddwd) exactly, and a span's integer sum cannot overflow int32
-// (128 * 255 * 32767 < 2^31). Per span the kernel adds (s_g d) * sum q xq in
-// float32, and per row subtracts sum_g s_g z_g X_g with X_g summed from the
-// same quantized x, so the result is exactly sum_k w_k * (d xq_k): the only
-// approximation is x's int16 rounding, |x_k - d xq_k| <= d/2 = max_span|x| / 65534.
-// Hence, per output,  |y - y_exact| <= max|x| / 65534 * sum_k |w_k|  (plus
-// float32 rounding of the sums): about 1.5e-5 of the worst case, a few
-// hundred times finer than bfloat16. tests/python/test_cpu_isa.py checks this
-// bound for every level, bit width and group size.
+// (vpmaddwd) exactly, and a span's integer sums cannot overflow int32
+// (128 * 255 * 32767 < 2^31). Per span the kernel adds
+// (s_g d) * (sum q hi + sum q lo / 32768) in float32, and per row subtracts
+// sum_g s_g z_g X_g with X_g summed from the same represented x, so the result
+// is exactly sum_k w_k x^_k with |x_k - x^_k| <= d / 65536 ~ max_span|x| * 4.7e-10:
+// per output  |y - y_exact| <= max|x| * 4.7e-10 * sum_k |w_k|  plus float32
+// rounding of the sums, i.e. float-grade. (One int16 term alone, llama.cpp's
+// approach with int8, leaves d/2: with LLM activation outliers, |x| in the
+// hundreds beside O(1) values, that is ~1e-2 of a typical input, enough to flip
+// near-tied outlier selections between two runs that differ only in float
+// summation order.) tests/python/test_cpu_isa.py checks the bound for every
+// level, bit width and group size.
 //
 // Why integers: decoding a code to float costs a widening, a convert and an
-// FMA per value; with int16 x a 16-bit lane feeds vpmaddwd directly, which
-// halves the instructions per weight and keeps 2- and 3-bit weights
-// memory-bound like 4-bit ones (llama.cpp does the same with int8 x; int16
-// keeps the error far below the formats' own rounding).
+// FMA per value; with int16 x a 16-bit lane feeds vpmaddwd directly, so two
+// multiply-adds per 16 codes replace four conversions and two FMAs, and
+// 2- and 3-bit weights stay as cheap per value as 4-bit ones.
 #pragma once
 
 #include <cstdint>
@@ -58,7 +61,7 @@ struct LowBitWeight {
 
 // x[B, K] prepared for the integer dot products (see the math above).
 struct QuantizedActivations {
-  const int16_t* xq;       // [B, blocks * 32], zero past K
+  const int16_t* xq;       // [B, blocks, 2, 32]: per block 32 high then 32 low terms, zero past K
   const float* span_scale; // [B, spans]: d of each span
   const float* group_sum;  // [B, groups]: X_g of the quantized x
   int64_t B, blocks, span, spans, spans_per_group, groups;
@@ -74,7 +77,7 @@ inline int64_t activation_spans(int64_t K, int64_t span) {
   return (activation_blocks(K) * 32 + span - 1) / span;
 }
 
-// Fills xq [B, blocks*32], span_scale [B, spans], group_sum [B, groups] from
+// Fills xq [B, blocks*64], span_scale [B, spans], group_sum [B, groups] from
 // float32 x [B, K] (row-major) and returns the view of them. A span holding a
 // NaN or infinity gets a NaN scale, so every output it touches is NaN, as in
 // float arithmetic.

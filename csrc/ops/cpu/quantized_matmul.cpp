@@ -83,7 +83,7 @@ at::Tensor quantized_matmul_fp32(const at::Tensor& x2d, const at::Tensor& qweigh
   // x once per call into int16 spans (O(B*K); cpu_decode.h has the math).
   const int64_t span = activation_span(geom.G, geom.groups);
   const int64_t blocks = activation_blocks(geom.K), spans = activation_spans(geom.K, span);
-  auto xq = at::empty({B, blocks * 32}, x2d.options().dtype(at::kShort));
+  auto xq = at::empty({B, blocks * 64}, x2d.options().dtype(at::kShort));
   auto span_scale = at::empty({B, spans}, x2d.options());
   auto group_sum = at::empty({B, geom.groups}, x2d.options());
   const auto acts = quantize_activations(x2d.data_ptr<float>(), B, geom.K, geom.G, geom.groups,

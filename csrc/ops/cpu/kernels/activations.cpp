@@ -72,19 +72,19 @@ QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, 
                                           float* group_sum) {
   const int64_t span = activation_span(G, groups);
   const int64_t blocks = activation_blocks(K);
-  const int64_t padded = blocks * 32;
+  const int64_t stride = blocks * 64;  // per x row: each block's 32 high, then 32 low terms
   const int64_t spans = activation_spans(K, span);
   // With one group the row is one group of many spans; otherwise G / span.
   const int64_t spans_per_group = groups <= 1 ? spans : G / span;
   for (int64_t b = 0; b < B; ++b) {
     const float* xr = x + b * K;
-    int16_t* qr = xq + b * padded;
+    int16_t* qr = xq + b * stride;
     float* dr = span_scale + b * spans;
     float* gr = group_sum + b * groups;
     std::fill(gr, gr + groups, 0.f);
+    std::fill(qr, qr + stride, int16_t{0});  // padding past K, and all-zero spans
     for (int64_t sp = 0; sp < spans; ++sp) {
       const int64_t k0 = sp * span, k1 = std::min(K, k0 + span);
-      const int64_t p1 = std::min(padded, k0 + span);
       float amax = 0.f;
       bool finite = true;
       for (int64_t k = k0; k < k1; ++k) {
@@ -92,30 +92,32 @@ QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, 
         finite &= std::isfinite(a);
         amax = std::max(amax, a);
       }
-      int64_t isum = 0;
+      double sum = 0.0;
       if (!finite) {
         dr[sp] = std::numeric_limits<float>::quiet_NaN();
-        std::fill(qr + k0, qr + p1, int16_t{0});
-      } else if (amax == 0.f) {
-        dr[sp] = 0.f;
-        std::fill(qr + k0, qr + p1, int16_t{0});
-      } else {
-        const float d = amax / 32767.f;
-        const float inv = 32767.f / amax;
+      } else if (amax > 0.f) {
+        const double d = static_cast<double>(amax) / 32767.0;
+        dr[sp] = static_cast<float>(d);
+        const double step = static_cast<double>(dr[sp]);  // the scale the kernels use
         for (int64_t k = k0; k < k1; ++k) {
-          // |x * inv| <= 32767 up to rounding; the clamp makes it certain.
-          const float v = std::nearbyint(xr[k] * inv);
-          const auto q = static_cast<int16_t>(std::clamp(v, -32767.f, 32767.f));
-          qr[k] = q;
-          isum += q;
+          // High term: x / d rounded (|.| <= 32767); low term: what is left,
+          // in units of d / 32768 (|.| <= 16384 + rounding). Both exact int16.
+          const double v = static_cast<double>(xr[k]);
+          const double hi = std::clamp(std::nearbyint(v / step), -32767.0, 32767.0);
+          const double lo = std::clamp(std::nearbyint((v - hi * step) / step * 32768.0),
+                                       -32767.0, 32767.0);
+          const int64_t c = k / 32, i = k % 32;
+          qr[c * 64 + i] = static_cast<int16_t>(hi);
+          qr[c * 64 + 32 + i] = static_cast<int16_t>(lo);
+          sum += hi * step + lo * step / 32768.0;
         }
-        std::fill(qr + k1, qr + p1, int16_t{0});
-        dr[sp] = d;
+      } else {
+        dr[sp] = 0.f;
       }
-      // X_g of the quantized x, so that sum_g s_g (sum q xq d - z X_g) is
+      // X_g of the represented x, so that sum_g s_g (sum q x^ - z X_g) is
       // exactly sum_k w_k x^_k (cpu_decode.h).
       const int64_t g = groups <= 1 ? 0 : sp / spans_per_group;
-      gr[g] += dr[sp] * static_cast<float>(isum);
+      gr[g] += finite ? static_cast<float>(sum) : dr[sp];
     }
   }
   return QuantizedActivations{xq, span_scale, group_sum, B, blocks, span, spans, spans_per_group,

@@ -14,7 +14,7 @@
 //                                  decode may read up to 32 bytes from a block's start,
 //                                  so the row's last block goes through a copy
 //   IAcc, zero_i(), madd(IAcc, Codes, const int16_t* x32)  int32 sums of codes * x
-//   FAcc, zero_f(), fma(FAcc, IAcc, float), add(FAcc, FAcc), hsum(FAcc)
+//   FAcc, zero_f(), fma(FAcc, IAcc, float), hsum(FAcc)
 //                                                          float32 sums
 //   axpy(const Codes&, float a, float* out32)               out += a * codes
 //   dequantize(const Codes&, float zero, float scale, float* out, int len)
@@ -75,43 +75,50 @@ inline void span_factors(const float* scale, const QuantizedActivations& x, int6
   }
 }
 
-// acc[t] += codes . xq over span sp's blocks, then tot[t] += factor * acc[t].
+// Over span sp's blocks, the integer dots of the codes with x's high and low
+// int16 terms, then tot_hi[t] += factor * high, tot_lo[t] += factor * low
+// (the caller scales tot_lo by 1/32768 once; cpu_decode.h).
 template <typename V, int BITS, int BT>
 inline void span_dot(const RowBlocks<V, BITS>& rb, const typename V::template Decoder<BITS>& dec,
                      const QuantizedActivations& x, int64_t b0, int64_t sp, const float* factors,
-                     typename V::FAcc (&tot)[BT]) {
-  const int64_t padded = x.blocks * 32;
+                     typename V::FAcc (&tot_hi)[BT], typename V::FAcc (&tot_lo)[BT]) {
+  const int64_t stride = x.blocks * 64;
   const int64_t blocks_per_span = x.span / 32;
-  typename V::IAcc acc[BT];
-  for (int t = 0; t < BT; ++t) acc[t] = V::zero_i();
+  typename V::IAcc hi[BT], lo[BT];
+  for (int t = 0; t < BT; ++t) hi[t] = lo[t] = V::zero_i();
   const int64_t c_end = (sp + 1) * blocks_per_span < x.blocks ? (sp + 1) * blocks_per_span : x.blocks;
   for (int64_t c = sp * blocks_per_span; c < c_end; ++c) {
     const typename V::Codes q = dec.decode(rb.block(c));
-    for (int t = 0; t < BT; ++t) acc[t] = V::madd(acc[t], q, x.xq + (b0 + t) * padded + c * 32);
+    for (int t = 0; t < BT; ++t) {
+      const int16_t* xb = x.xq + (b0 + t) * stride + c * 64;
+      hi[t] = V::madd(hi[t], q, xb);
+      lo[t] = V::madd(lo[t], q, xb + 32);
+    }
   }
-  for (int t = 0; t < BT; ++t) tot[t] = V::fma(tot[t], acc[t], factors[t * x.spans + sp]);
+  for (int t = 0; t < BT; ++t) {
+    const float f = factors[t * x.spans + sp];
+    tot_hi[t] = V::fma(tot_hi[t], hi[t], f);
+    tot_lo[t] = V::fma(tot_lo[t], lo[t], f);
+  }
 }
 
-// One weight row against BT rows of x starting at b0. Even and odd spans go
-// to two register accumulators, so with short spans the FMA latency of one
-// accumulator does not set the pace.
+// One weight row against BT rows of x starting at b0. The high and low terms
+// go to two register accumulators per x row, so no FMA waits on another
+// (with G = 32 every block is a span, and one accumulator's FMA latency would
+// set the pace).
 template <typename V, int BITS, int BT>
 inline void gemv_row_tile(const RowBlocks<V, BITS>& rb, const typename V::template Decoder<BITS>& dec,
                           const float* scale, const float* zero, const QuantizedActivations& x,
                           int64_t b0, int64_t n, int64_t N, float* y, float* factors) {
   span_factors<BT>(scale, x, b0, factors);
-  typename V::FAcc even[BT], odd[BT];
-  for (int t = 0; t < BT; ++t) even[t] = odd[t] = V::zero_f();
-  int64_t sp = 0;
-  for (; sp + 2 <= x.spans; sp += 2) {
-    span_dot<V, BITS, BT>(rb, dec, x, b0, sp, factors, even);
-    span_dot<V, BITS, BT>(rb, dec, x, b0, sp + 1, factors, odd);
-  }
-  if (sp < x.spans) span_dot<V, BITS, BT>(rb, dec, x, b0, sp, factors, even);
+  typename V::FAcc tot_hi[BT], tot_lo[BT];
+  for (int t = 0; t < BT; ++t) tot_hi[t] = tot_lo[t] = V::zero_f();
+  for (int64_t sp = 0; sp < x.spans; ++sp)
+    span_dot<V, BITS, BT>(rb, dec, x, b0, sp, factors, tot_hi, tot_lo);
   for (int t = 0; t < BT; ++t) {
     const float* xsum = x.group_sum + (b0 + t) * x.groups;
-    y[(b0 + t) * N + n] =
-        V::hsum(V::add(even[t], odd[t])) - zero_term(scale, zero, xsum, x.groups);
+    y[(b0 + t) * N + n] = (V::hsum(tot_hi[t]) + V::hsum(tot_lo[t]) * (1.f / 32768.f)) -
+                          zero_term(scale, zero, xsum, x.groups);
   }
 }
 

@@ -14,10 +14,10 @@ namespace {
 template <int BITS>
 void gemv(const LowBitWeight& w, const QuantizedActivations& x, int64_t n_begin, int64_t n_end,
           float* y) {
-  const int64_t padded = x.blocks * 32;
+  const int64_t stride = x.blocks * 64;  // per block: 32 high, then 32 low terms
   const int64_t blocks_per_span = x.span / 32;
   std::vector<float> scale(w.groups), zero(w.groups);
-  std::vector<uint8_t> codes(padded);  // one row, decoded once for all B rows of x
+  std::vector<uint8_t> codes(x.blocks * 32);  // one row, decoded once for all B rows of x
   uint32_t block[kBlock];
   for (int64_t n = n_begin; n < n_end; ++n) {
     load_row_params(w, n, scale.data(), zero.data());
@@ -27,18 +27,23 @@ void gemv(const LowBitWeight& w, const QuantizedActivations& x, int64_t n_begin,
       for (int i = 0; i < kBlock; ++i) codes[c * kBlock + i] = static_cast<uint8_t>(block[i]);
     }
     for (int64_t b = 0; b < x.B; ++b) {
-      const int16_t* xq = x.xq + b * padded;
+      const int16_t* xq = x.xq + b * stride;
       const float* d = x.span_scale + b * x.spans;
       const float* xsum = x.group_sum + b * x.groups;
       float acc = 0.f, zero_term = 0.f;
       for (int64_t g = 0; g < x.groups; ++g) {
         const int64_t sp1 = std::min(x.spans, (g + 1) * x.spans_per_group);
         for (int64_t sp = g * x.spans_per_group; sp < sp1; ++sp) {
-          const int64_t k0 = sp * x.span;
-          const int64_t k1 = std::min(padded, k0 + blocks_per_span * 32);
-          int32_t isum = 0;
-          for (int64_t k = k0; k < k1; ++k) isum += static_cast<int32_t>(codes[k]) * xq[k];
-          acc += (scale[g] * d[sp]) * static_cast<float>(isum);
+          const int64_t c0 = sp * blocks_per_span;
+          const int64_t c1 = std::min(x.blocks, c0 + blocks_per_span);
+          int32_t hi = 0, lo = 0;
+          for (int64_t c = c0; c < c1; ++c)
+            for (int i = 0; i < kBlock; ++i) {
+              hi += static_cast<int32_t>(codes[c * kBlock + i]) * xq[c * 64 + i];
+              lo += static_cast<int32_t>(codes[c * kBlock + i]) * xq[c * 64 + 32 + i];
+            }
+          const float f = scale[g] * d[sp];
+          acc += f * static_cast<float>(hi) + (f * (1.f / 32768.f)) * static_cast<float>(lo);
         }
         zero_term += scale[g] * zero[g] * xsum[g];
       }

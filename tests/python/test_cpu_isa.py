@@ -2,9 +2,10 @@
 (csrc/include/qdec/cpu_decode.h): the low-bit GEMV, dequantize and residual
 compensation against the float reference, the level switch, and its errors.
 
-Tolerance: the GEMV rounds x to int16 per span, so it is compared within the
-bound derived in cpu_decode.h (conftest.cpu_decode_atol: max|x|/65534 * sum|w|
-plus float32 rounding), plus the output dtype's rounding for fp16/bf16.
+Tolerance: the GEMV represents x by two int16 terms per span, so it is
+compared within the bound derived in cpu_decode.h (conftest.cpu_decode_atol:
+max|x| * 4.7e-10 * sum|w| plus float32 rounding of the sums), plus the output
+dtype's rounding for fp16/bf16.
 Dequantize is the reference's float formula and must match bit for bit.
 """
 

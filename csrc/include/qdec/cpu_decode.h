@@ -42,8 +42,9 @@
 namespace qdec::cpu {
 
 // Instruction-set levels, slowest to fastest. AVX-512 here means
-// F + BW + VL + VBMI (Intel Ice Lake and newer, AMD Zen 4 and newer): VBMI's
-// byte permute decodes a whole 32-value block in one instruction.
+// F + BW + VL + VBMI + VNNI (Intel Ice Lake and newer, AMD Zen 4 and newer):
+// VBMI's byte permute decodes a whole 32-value block in one instruction, VNNI
+// fuses the int16 multiply-add with the accumulation.
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Element type of scales and zeros as stored (they follow x's dtype).

@@ -87,14 +87,20 @@ inline void span_dot(const RowBlocks<V, BITS>& rb, const typename V::template De
   typename V::IAcc hi[BT], lo[BT];
   for (int t = 0; t < BT; ++t) hi[t] = lo[t] = V::zero_i();
   const int64_t c_end = (sp + 1) * blocks_per_span < x.blocks ? (sp + 1) * blocks_per_span : x.blocks;
-  for (int64_t c = sp * blocks_per_span; c < c_end; ++c) {
-    const typename V::Codes q = dec.decode(rb.block(c));
+  auto dot_block = [&](int64_t c, const uint8_t* codes) {
+    const typename V::Codes q = dec.decode(codes);
     for (int t = 0; t < BT; ++t) {
       const int16_t* xb = x.xq + (b0 + t) * stride + c * 64;
       hi[t] = V::madd(hi[t], q, xb);
       lo[t] = V::madd(lo[t], q, xb + 32);
     }
-  }
+  };
+  // The row's last block may need the padded copy (RowBlocks); the others are
+  // read in place, with no per-block test in the loop.
+  int64_t c = sp * blocks_per_span;
+  const int64_t c_direct = V::kReadsPastBlock && c_end > rb.last ? rb.last : c_end;
+  for (; c < c_direct; ++c) dot_block(c, rb.row + c * 4 * BITS);
+  for (; c < c_end; ++c) dot_block(c, rb.block(c));
   for (int t = 0; t < BT; ++t) {
     const float f = factors[t * x.spans + sp];
     tot_hi[t] = V::fma(tot_hi[t], hi[t], f);

@@ -40,6 +40,7 @@ std::string missing_features(Isa level) {
     need(__builtin_cpu_supports("avx512bw"), "avx512bw");
     need(__builtin_cpu_supports("avx512vl"), "avx512vl");
     need(__builtin_cpu_supports("avx512vbmi"), "avx512vbmi");
+    need(__builtin_cpu_supports("avx512vnni"), "avx512vnni");
   }
 #else
   missing = "a compiler with __builtin_cpu_supports";

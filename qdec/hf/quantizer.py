@@ -25,8 +25,8 @@ Saving: ``save_pretrained`` writes ``model.safetensors`` in the checkpoint layou
 
 from __future__ import annotations
 
+import functools
 import os
-import types
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,9 @@ class QDECHfQuantizer(HfQuantizer):
             if not isinstance(k, dict):  # layers without a residual stay at k = 0
                 k = {name: k for name, layer in qdec_layers(model) if layer.residual is not None}
             configure(model, k=k)
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        # The residual store is a file transformers' save does not write. A
+        # partial, not a bound method: it pickles (torch.save of the model).
+        model.save_pretrained = functools.partial(_save_pretrained, model)
         return model
 
     def get_state_dict_and_metadata(self, model):

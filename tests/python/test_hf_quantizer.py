@@ -249,6 +249,27 @@ def test_save_pretrained_round_trip(ckpt, tmp_path):
     assert torch.equal(logits(again), want)
 
 
+def test_copied_and_pickled_model_saves_itself(checkpoints, tmp_path):
+    """save_pretrained is attached to the loaded model (the residual file); a deep
+    copy or a torch.save/torch.load of the model must save the copy, not the original."""
+    import copy
+    import io
+
+    model = load(checkpoints["llama"])
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        qdec.configure(other, k=0.05)
+        other.model.layers[0].mlp.down_proj.residual_scales.mul_(2)  # only in the copy
+        want = logits(other)
+        other.save_pretrained(tmp_path / "copy")
+        again = load(tmp_path / "copy")
+        qdec.configure(again, k=0.05)
+        assert torch.equal(logits(again), want)
+        shutil.rmtree(tmp_path / "copy")
+
+
 def test_save_pretrained_refuses_shards_and_lowrank(checkpoints, tmp_path):
     from qdec.lowrank import LowRankTerm
 
@@ -338,6 +359,11 @@ def test_import_qdec_registers_lazily():
     out = _python("import transformers.quantizers.auto as a, qdec\n"
                   "print(a.AUTO_QUANTIZER_MAPPING['qdec'].__name__)\n")
     assert out.split() == ["QDECHfQuantizer"]
+    # Without transformers, import qdec still works; register() says what is missing.
+    out = _python("import sys; sys.modules['transformers'] = None\n"
+                  "import qdec\n"
+                  "try:\n    qdec.hf.register()\nexcept ImportError as e:\n    print(e)\n")
+    assert "needs transformers >= 5.0" in out and "not installed" in out
 
 
 def test_old_transformers_gives_a_clear_message(monkeypatch):

@@ -272,6 +272,32 @@ class QDECHfQuantizer(HfQuantizer):
             for name, layer in layers.items()})
         return out, meta
 
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: every ``QDECLinear`` becomes an ``nn.Linear``
+        holding its quantized weight ``W_hat`` densely (input permutation undone,
+        residual dropped: the k = 0 model), in ``dtype``."""
+        from .. import ops
+
+        for name, layer in list(qdec_layers(model)):
+            weight = ops.dequantize(layer.qweight, layer.scales.float(),
+                                    None if layer.zeros is None else layer.zeros.float(),
+                                    layer.bits, layer.group_size, layer.in_features)
+            if layer.input_permutation is not None:  # column j multiplies x[perm[j]]
+                weight = torch.empty_like(weight).index_copy_(1, layer.input_permutation, weight)
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=weight.device, dtype=dtype or weight.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if layer.bias is not None:
+                    dense.bias.copy_(layer.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, dense)
+        # A dense model: neither the qdec section nor the QDEC save path apply.
+        if hasattr(model.config, "qdec"):
+            del model.config.qdec
+        model.__dict__.pop("save_pretrained", None)
+        return model
+
     def is_serializable(self, **kwargs: Any) -> bool:
         return True
 

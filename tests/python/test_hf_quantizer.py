@@ -191,6 +191,20 @@ def test_configure_k_steers_compensation(ckpt):
         assert layer.k == want, name
 
 
+def test_dequantize_gives_the_k0_model_dense(ckpt, tmp_path):
+    model = load(ckpt)
+    base = logits(model)
+    dense = model.dequantize()
+    assert not list(qdec_layers(dense)) and not dense.is_quantized
+    assert isinstance(dense.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    assert torch.allclose(logits(dense), base, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits(dense), logits(_dense_model(ckpt, with_residual=False)))
+    dense.save_pretrained(tmp_path / "dense")  # an ordinary dense checkpoint
+    cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "qdec" not in cfg and "quantization_config" not in cfg
+    assert torch.equal(logits(load(tmp_path / "dense")), logits(dense))
+
+
 def test_generate_equals_greedy_loop_of_patch_path(ckpt):
     model, ref = load(ckpt), load_patched_checkpoint(str(ckpt))
     qdec.configure(model, k=0.05)

@@ -37,6 +37,7 @@ REGISTRY_MODULE = "transformers.quantizers.auto"
 MIN_TRANSFORMERS = (5, 0)
 
 _registered = False
+_refusal_registered = False
 
 
 def _transformers_version() -> tuple[str, tuple[int, ...]]:
@@ -71,6 +72,8 @@ def register() -> None:
             f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install -U transformers); found "
             f"{text}. Without it, qdec.patch.load_patched_checkpoint(dir) builds the same model")
     if version < MIN_TRANSFORMERS:
+        if _register_refusal(hint):
+            hint += "; from_pretrained on a QDEC checkpoint stops with this message"
         raise ImportError(hint)
     try:
         from transformers.quantizers.auto import (  # noqa: F401
@@ -82,6 +85,50 @@ def register() -> None:
     from . import quantizer  # noqa: F401  (its import registers the config and quantizer)
 
     _registered = True
+
+
+def _register_refusal(message: str) -> bool:
+    """Where transformers has a quantizer registry but a loading API older than the
+    quantizer's, register ``"qdec"`` as a method that refuses to load with
+    ``message``: transformers would otherwise skip the unknown method and
+    initialise every quantized linear at random, with only a warning. Returns
+    whether the refusal is registered (False without a registry)."""
+    global _refusal_registered
+    if _refusal_registered:
+        return True
+    try:
+        from transformers.quantizers.auto import register_quantization_config, register_quantizer
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError:
+        return False
+
+    class UnsupportedQDECConfig(QuantizationConfigMixin):
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+            self.quant_method = "qdec"
+
+    class UnsupportedQDECQuantizer(HfQuantizer):
+        def validate_environment(self, *args, **kwargs):
+            raise ImportError(message)
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            raise ImportError(message)
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            raise ImportError(message)
+
+        def is_serializable(self, *args, **kwargs):
+            return False
+
+        @property
+        def is_trainable(self):
+            return False
+
+    register_quantization_config("qdec")(UnsupportedQDECConfig)
+    register_quantizer("qdec")(UnsupportedQDECQuantizer)
+    _refusal_registered = True
+    return True
 
 
 def _register_or_warn() -> None:

@@ -215,8 +215,9 @@ class QDECHfQuantizer(HfQuantizer):
                                   f"{type(model).__name__} is a {type(old).__name__}, not a "
                                   f"linear layer")
             if (old.out_features, old.in_features) != (weight.out_features, weight.in_features):
-                raise FormatError(f"{where}: tensor {name}.qweight is for a [{weight.out_features}, "
-                                  f"{weight.in_features}] weight but {name} of the model is "
+                raise FormatError(f"{where}: tensor {name}.qweight is for a "
+                                  f"[{weight.out_features}, {weight.in_features}] weight but "
+                                  f"{name} of the model is "
                                   f"[{old.out_features}, {old.in_features}]")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,

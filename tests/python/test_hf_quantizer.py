@@ -34,7 +34,6 @@ from qdec.formats.qdec_checkpoint import (
     write_qdec_checkpoint,
 )
 from qdec.formats.residual_store import RESIDUAL_FILE, save_residual_file
-from qdec.formats.safetensors_io import SafetensorsFile
 from qdec.nn import QDECLinear
 from qdec.patch import DECODER_LINEARS, load_patched_checkpoint, qdec_layers
 
@@ -380,11 +379,26 @@ def test_import_qdec_registers_lazily():
     assert "needs transformers >= 5.0" in out and "not installed" in out
 
 
-def test_old_transformers_gives_a_clear_message(monkeypatch):
+def test_old_transformers_gives_a_clear_message(monkeypatch, checkpoints):
+    """An older transformers (checked for real with 4.51.3) has a registry but not
+    the loading API: "qdec" is registered as a method that refuses with the message,
+    rather than left unknown (transformers would then skip it and initialise the
+    quantized linears at random)."""
+    import transformers.quantizers.auto as auto
+
+    for table in ("AUTO_QUANTIZER_MAPPING", "AUTO_QUANTIZATION_CONFIG_MAPPING"):
+        monkeypatch.setattr(auto, table, {k: v for k, v in getattr(auto, table).items()
+                                          if k != "qdec"})
     monkeypatch.setattr(qdec_hf, "_registered", False)
+    monkeypatch.setattr(qdec_hf, "_refusal_registered", False)
     monkeypatch.setattr(qdec_hf, "_transformers_version", lambda: ("4.44.0", (4, 44)))
-    with pytest.raises(ImportError, match=r"needs transformers >= 5\.0 .* found 4\.44\.0"):
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.0 .* found 4\.44\.0.*"
+                                          r"from_pretrained on a QDEC checkpoint stops"):
         qdec_hf.register()
+    assert auto.AUTO_QUANTIZER_MAPPING["qdec"].__name__ == "UnsupportedQDECQuantizer"
+    with pytest.raises(ImportError, match=r"found 4\.44\.0\. Without it, "
+                                          r"qdec.patch.load_patched_checkpoint"):
+        load(checkpoints["llama"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qdec_hf._register_or_warn()  # what the import hook does: warn, never raise

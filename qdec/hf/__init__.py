@@ -133,11 +133,17 @@ def _register_refusal(message: str) -> bool:
 
 def _register_or_warn() -> None:
     """:func:`register` from the import hook: a failure must not break the user's
-    ``import transformers``, so it becomes a warning that says what to do."""
+    ``import transformers``, so it becomes a warning that says what to do (an
+    ``ImportError``: the version; anything else, e.g. another package having
+    registered "qdec" already: what happened)."""
     try:
         register()
     except ImportError as e:
         warnings.warn(f"qdec: {e}", stacklevel=3)
+    except Exception as e:  # noqa: BLE001  (see above: never break the import)
+        warnings.warn(f"qdec: could not register quantization method 'qdec' with "
+                      f"transformers ({type(e).__name__}: {e}); from_pretrained will not "
+                      f"load QDEC checkpoints", stacklevel=3)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

@@ -403,3 +403,15 @@ def test_old_transformers_gives_a_clear_message(monkeypatch, checkpoints):
         warnings.simplefilter("always")
         qdec_hf._register_or_warn()  # what the import hook does: warn, never raise
     assert any("load_patched_checkpoint" in str(w.message) for w in caught)
+
+
+def test_a_failing_registration_never_breaks_the_import(monkeypatch):
+    def taken():
+        raise ValueError("Quantizer 'qdec' already registered")
+
+    monkeypatch.setattr(qdec_hf, "register", taken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qdec_hf._register_or_warn()
+    assert any("could not register quantization method 'qdec'" in str(w.message)
+               and "already registered" in str(w.message) for w in caught)

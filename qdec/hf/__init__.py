@@ -33,7 +33,7 @@ import warnings
 REGISTRY_MODULE = "transformers.quantizers.auto"
 # Oldest transformers whose loading API the quantizer is written against
 # (``preprocess_model(checkpoint_files=...)``, ``get_state_dict_and_metadata``,
-# weight loading through ``core_model_loading``); tested with 5.25.
+# weight loading through ``core_model_loading``); tested with 5.17 and 5.25.
 MIN_TRANSFORMERS = (5, 0)
 
 _registered = False

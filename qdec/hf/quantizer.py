@@ -21,6 +21,7 @@ Loading (``from_pretrained`` on a QDEC checkpoint directory,
 Saving: ``save_pretrained`` writes ``model.safetensors`` in the checkpoint layout
 (with its per-layer metadata), ``config.json`` (its ``qdec`` section and
 ``quantization_config`` block kept), and ``residual.safetensors``.
+``model.dequantize()`` replaces the layers by dense ``nn.Linear`` (the k = 0 model).
 """
 
 from __future__ import annotations

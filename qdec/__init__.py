@@ -2,7 +2,11 @@
 
 Importing ``qdec`` loads the compiled extension ``qdec._C``, which registers the
 ``torch.ops.qdec.*`` operators (CPU, and CUDA when built with it), and the fake
-kernels of :mod:`qdec.ops` for ``torch.compile`` and export.
+kernels of :mod:`qdec.ops` for ``torch.compile`` and export. It also arranges for
+quantization method ``"qdec"`` to be registered with transformers when its
+quantizer registry is imported (:mod:`qdec.hf`), so that
+``AutoModelForCausalLM.from_pretrained(qdec_checkpoint_dir)`` builds ``QDECLinear``
+layers; :func:`configure` then sets ``k`` and the selection policy.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from .ops import (
     residual_gather,
     set_cpu_isa,
 )
+from .patch import configure
+from . import hf as _hf
+
+_hf.install_import_hook()  # registers "qdec" with transformers once it is imported
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compensated_linear",
+    "configure",
     "cpu_isa",
     "dequantize",
     "lowrank_linear",

@@ -153,13 +153,15 @@ def prompt_ids(infer: Path, ckpt: Path, prompt: str) -> list[int]:
     return [int(t) for t in proc.stdout.strip().split(",")]
 
 
-def run_qdec(infer: Path, ckpt: Path, ids: list[int], tokens: int, threads: int, k: str) -> dict:
+def run_qdec(infer: Path, ckpt: Path, ids: list[int], tokens: int, threads: int, k: str,
+             head_bits: int = 0) -> dict:
     """One qdec_infer run; its --stats-json (decode wall and CPU seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.json"
         cmd = [str(infer), "--model", str(ckpt), "--ids", ",".join(map(str, ids)),
                "--max-new-tokens", str(tokens), "--ignore-eos", "--threads", str(threads),
-               "--k", k, "--no-stream", "--quiet", "--stats-json", str(stats)]
+               "--k", k, "--lm-head-bits", str(head_bits),
+               "--no-stream", "--quiet", "--stats-json", str(stats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
@@ -207,6 +209,7 @@ def run(args) -> dict:
     threads = [int(t) for t in args.threads.split(",")]
     ks = [k.strip() for k in args.ks.split(",")]
     variants = [v.strip() for v in args.variants.split(",")]
+    heads = [int(h) for h in args.lm_head_bits.split(",")]
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
@@ -222,15 +225,18 @@ def run(args) -> dict:
             contenders.append((f"llama.cpp Q4_1 t{t}", {"kind": "llama", "threads": t}))
         for v in variants:
             for k in ks:
-                contenders.append((f"qdec {v} k={k} t{t}",
-                                   {"kind": "qdec", "variant": v, "k": k, "threads": t}))
+                for hb in heads:
+                    contenders.append((qdec_name(v, k, hb, t),
+                                       {"kind": "qdec", "variant": v, "k": k, "threads": t,
+                                        "lm_head_bits": hb}))
     runs: dict[str, list[dict]] = {name: [] for name, _ in contenders}
     for rep in range(args.repeats):  # interleaved: every contender once per round
         for name, c in contenders:
             if c["kind"] == "llama":
                 r = run_llama(args.llama_python, gguf, ids, args.tokens, c["threads"])
             else:
-                r = run_qdec(infer, ckpts[c["variant"]], ids, args.tokens, c["threads"], c["k"])
+                r = run_qdec(infer, ckpts[c["variant"]], ids, args.tokens, c["threads"], c["k"],
+                             c["lm_head_bits"])
             runs[name].append(r)
             print(f"  round {rep + 1}/{args.repeats} {name:<28} "
                   f"{r['decode_steps'] / r['decode_s']:8.2f} tok/s  "
@@ -242,7 +248,7 @@ def run(args) -> dict:
         if c["kind"] == "llama":
             row["llama_cpp_python"] = runs[name][0].get("version")
         rows.append(row)
-    ratios = targets(rows, threads, variants, ks)
+    ratios = targets(rows, threads, variants, ks, heads)
     return {"meta": {"cpu": device_name("cpu"), "isa": cpu_isa(), "torch": torch.__version__,
                      "commit": git_commit(), "logical_cpus": os.cpu_count(),
                      "llama_cpp": llama_info, "gguf": str(gguf), "prompt": args.prompt,
@@ -254,10 +260,17 @@ def run(args) -> dict:
             "rows": rows, "targets": ratios}
 
 
-def targets(rows: list[dict], threads: list[int], variants: list[str], ks: list[str]) -> list[dict]:
-    """The issue's ratios, per thread count, from decode tokens/s (wall) and
-    tokens per CPU-second: W4 g32 k=0 vs llama.cpp (>= 1.0), W3 g64 vs W4 g32
-    (>= 1.0), k=0.02 vs k=0 per variant (>= 0.9)."""
+def qdec_name(variant: str, k: str, head_bits: int, threads: int) -> str:
+    """A qdec_infer contender's label; `head8` marks the 8-bit LM head."""
+    return f"qdec {variant} k={k}{' head8' if head_bits == 8 else ''} t{threads}"
+
+
+def targets(rows: list[dict], threads: list[int], variants: list[str], ks: list[str],
+            heads: list[int] = (0,)) -> list[dict]:
+    """The issue's ratios, per thread count and LM head, from decode tokens/s
+    (wall) and tokens per CPU-second: W4 g32 k=0 vs llama.cpp (>= 1.0), W3 g64
+    vs W4 g32 (>= 1.0), k=0.02 vs k=0 per variant (>= 0.9). llama.cpp's GGUF
+    keeps its head in Q8_0, so the `head8` rows are the like-for-like ones."""
     by = {r["name"]: r for r in rows}
     out = []
 
@@ -271,14 +284,16 @@ def targets(rows: list[dict], threads: list[int], variants: list[str], ks: list[
 
     k0 = ks[0]
     for t in threads:
-        ratio(f"t{t}: W4 g32 k={k0} / llama.cpp", f"qdec w4g32 k={k0} t{t}",
-              f"llama.cpp Q4_1 t{t}", 1.0)
-        ratio(f"t{t}: W3 g64 / W4 g32 (k={k0})", f"qdec w3g64 k={k0} t{t}",
-              f"qdec w4g32 k={k0} t{t}", 1.0)
-        for v in variants:
-            for k in ks[1:]:
-                ratio(f"t{t}: {v} k={k} / k={k0}", f"qdec {v} k={k} t{t}",
-                      f"qdec {v} k={k0} t{t}", 0.9)
+        for hb in heads:
+            h = " head8" if hb == 8 else ""
+            ratio(f"t{t}: W4 g32 k={k0}{h} / llama.cpp", qdec_name("w4g32", k0, hb, t),
+                  f"llama.cpp Q4_1 t{t}", 1.0)
+            ratio(f"t{t}: W3 g64 / W4 g32 (k={k0}{h})", qdec_name("w3g64", k0, hb, t),
+                  qdec_name("w4g32", k0, hb, t), 1.0)
+            for v in variants:
+                for k in ks[1:]:
+                    ratio(f"t{t}: {v} k={k} / k={k0}{h}", qdec_name(v, k, hb, t),
+                          qdec_name(v, k0, hb, t), 0.9)
     return out
 
 
@@ -314,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", default="0,0.02",
                    help="qdec_infer --k values; the first is the baseline (default %(default)s)")
     p.add_argument("--threads", default="1,2", help="thread counts (default %(default)s)")
+    p.add_argument("--lm-head-bits", default="0,8",
+                   help="qdec_infer --lm-head-bits values: 0 = the stored float32 head, "
+                        "8 = quantized at load like llama.cpp's Q8_0 head (default %(default)s)")
     p.add_argument("--tokens", type=int, default=128, help="new tokens (default %(default)s)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--repeats", type=int, default=3,

@@ -90,6 +90,41 @@ size_t Linear::residual_bytes() const {
   return residual.defined() ? residual.nbytes() + residual_scales.nbytes() : 0;
 }
 
+namespace {
+
+// W[V, H] (float32, CPU) -> an 8-bit symmetric quantized Linear: per group of
+// kLmHeadGroup inputs s = max|w| / 127 and q = round(w / s) + 128 in [1, 255],
+// so w ~ (q - 128) s (the qdec symmetric convention: zero = 2^(bits-1)). At
+// 8 bits the packed layout (bitpack.h) is one code per byte, in order.
+Linear quantize_lm_head(const at::Tensor& w, at::ScalarType dt, c10::Device dev) {
+  const int64_t V = w.size(0), H = w.size(1), G = kLmHeadGroup;
+  const int64_t groups = ceil_div(H, G), padded = ceil_div(H, 32) * 32;
+  at::Tensor wp = at::zeros({V, groups * G}, at::kFloat);
+  wp.narrow(1, 0, H).copy_(w);
+  at::Tensor wg = wp.view({V, groups, G});
+  at::Tensor scale = std::get<0>(wg.abs().max(-1)).div_(127.0);
+  scale.masked_fill_(scale == 0, 1.0);  // an all-zero group: any scale decodes it exactly
+  at::Tensor q = wg.div(scale.unsqueeze(-1)).round_().clamp_(-127, 127).add_(128).view({V, groups * G});
+  at::Tensor codes = at::zeros({V, padded}, at::kByte);
+  codes.narrow(1, 0, H).copy_(q.narrow(1, 0, H).to(at::kByte));
+  Linear l;
+  l.name = "lm_head";
+  l.in_features = H;
+  l.out_features = V;
+  l.quantized = true;
+  l.bits = 8;
+  l.group_size = G;
+  l.qweight = codes.view(at::kInt).to(dev);  // [V, padded / 4] = [V, ceil(H/32) * 8]
+  l.scales = scale.to(dev, dt);
+  return l;
+}
+
+}  // namespace
+
+at::Tensor LlamaModel::head_logits(const at::Tensor& x) const {
+  return quantized_head_ ? lm_head_q_.forward(x, /*compensate=*/false) : at::linear(x, lm_head_);
+}
+
 LlamaModel::LlamaModel(const Checkpoint& ckpt, const RuntimeOptions& options)
     : config_(ckpt.config), options_(options) {
   const auto& c = config_;
@@ -118,6 +153,14 @@ LlamaModel::LlamaModel(const Checkpoint& ckpt, const RuntimeOptions& options)
   else
     throw LoadError(K::MissingTensor, f.path(), "lm_head.weight",
                     "not in the file, and config.json has tie_word_embeddings false");
+
+  if (options.lm_head_bits != 0) {
+    if (options.lm_head_bits != 8)
+      throw std::invalid_argument("lm_head_bits must be 0 (as stored) or 8, got " +
+                                  std::to_string(options.lm_head_bits));
+    lm_head_q_ = quantize_lm_head(lm_head_.to(at::kFloat).cpu(), dt, dev);
+    quantized_head_ = true;
+  }
 
   const int64_t H = c.hidden_size, I = c.intermediate_size;
   const int64_t q_out = c.num_heads * c.head_dim, kv_out = c.num_kv_heads * c.head_dim;
@@ -358,7 +401,7 @@ at::Tensor LlamaModel::forward(const at::Tensor& ids, KVCache& cache) const {
   }
   cache.length += T;
   auto last = rms_norm(h.select(1, T - 1), final_norm_);  // [1, H]
-  return at::linear(last, lm_head_).to(at::kFloat).reshape({c.vocab_size});
+  return head_logits(last).to(at::kFloat).reshape({c.vocab_size});
 }
 
 at::Tensor LlamaModel::decode(int64_t id, KVCache& cache) const {
@@ -417,14 +460,19 @@ void LlamaModel::decode_cpu(int64_t id, KVCache& cache) const {
     dc::add_inplace(h, out(L.down.forward(gate)).data_ptr<float>(), H);
   }
   dc::rms_norm(h, final_norm_.data_ptr<float>(), H, eps, x);
-  // Same BLAS call as at::linear(x, lm_head) (matmul -> mm), written in place.
-  at::mm_out(w.logits, w.x, lm_head_.t());
+  if (quantized_head_) {
+    w.logits.copy_(lm_head_q_.forward(w.x, /*compensate=*/false));
+  } else {
+    // Same BLAS call as at::linear(x, lm_head) (matmul -> mm), written in place.
+    at::mm_out(w.logits, w.x, lm_head_.t());
+  }
   cache.length += 1;
 }
 
 size_t LlamaModel::weight_bytes() const {
   size_t n = embed_.nbytes() + final_norm_.nbytes();
   if (!lm_head_.is_same(embed_)) n += lm_head_.nbytes();
+  if (quantized_head_) n += lm_head_q_.weight_bytes();
   for (const auto& L : layers_) {
     n += L.input_norm.nbytes() + L.post_norm.nbytes();
     for (const auto* l : L.linears()) n += l->weight_bytes();

@@ -85,7 +85,15 @@ struct RuntimeOptions {
   c10::Device device = c10::Device(c10::kCPU);
   at::ScalarType dtype = at::kFloat;
   bool compensate_prefill = true;  // as QDECLinear's default
+  // LM head as stored (0) or quantized at load to 8-bit symmetric codes with
+  // one scale per kLmHeadGroup inputs (8): llama.cpp's GGUFs ship the head
+  // as Q8_0, and in float32 it is the largest single read of a decode step
+  // (SmolLM2: 113 MB of tied embeddings per token, a quarter of the step).
+  int lm_head_bits = 0;
 };
+
+// Group size of the 8-bit LM head (RuntimeOptions::lm_head_bits).
+constexpr int64_t kLmHeadGroup = 64;
 
 class LlamaModel {
  public:
@@ -125,6 +133,11 @@ class LlamaModel {
   ModelConfig config_;
   RuntimeOptions options_;
   at::Tensor embed_, final_norm_, lm_head_;
+  // The LM head as an 8-bit quantized linear when options_.lm_head_bits == 8
+  // (quantized_head_), used instead of lm_head_ for the logits.
+  Linear lm_head_q_;
+  bool quantized_head_ = false;
+  at::Tensor head_logits(const at::Tensor& x) const;  // [1, H] -> [1, vocab]
   std::vector<DecoderLayer> layers_;
   at::Tensor inv_freq_;  // float32 [head_dim / 2]
   bool has_residual_ = false;

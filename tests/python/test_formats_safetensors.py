@@ -158,7 +158,8 @@ def test_truncated_data(tmp_path):
 def test_header_length_larger_than_file(tmp_path):
     path = raw_file(tmp_path / "h.safetensors", {"a": entry("F32", [1], 0, 4)}, b"\0" * 4,
                     header_len=10_000)
-    with pytest.raises(FormatError, match=r"h\.safetensors: .*invalid header length.*says 10000 header bytes"):
+    with pytest.raises(FormatError,
+                       match=r"h\.safetensors: .*invalid header length.*says 10000 header bytes"):
         read_header(path)
 
 
@@ -174,7 +175,8 @@ def test_header_over_100_mb(tmp_path):
 def test_file_too_short(tmp_path):
     path = tmp_path / "s.safetensors"
     path.write_bytes(b"\x01\x02")
-    with pytest.raises(FormatError, match=r"s\.safetensors: .*header too small.*the file has 2 bytes"):
+    with pytest.raises(FormatError,
+                       match=r"s\.safetensors: .*header too small.*the file has 2 bytes"):
         read_header(path)
 
 

@@ -418,3 +418,21 @@ def test_real_llama_weights_bit_identical_to_the_previous_dequantizer(real_path)
         everything.update(name.encode())
         everything.update(state[name].contiguous().numpy().tobytes())
     assert everything.hexdigest() == PINNED_ALL_SHA256
+
+
+def test_plain_types_the_gguf_package_does_not_dequantize(tmp_path):
+    # F64 and I8..I64 are converted by this module (gguf.quants raises for them).
+    f64 = np.array([1.5, -2.25], dtype="<f8")
+    i8 = np.array([-128, 0, 127, 5], dtype="<i1")
+    i32 = np.array([-(2**31), 7], dtype="<i4")
+    i64 = np.array([2**40, -3], dtype="<i8")
+    blob, _ = build_gguf([], [("f64", [2], GGMLType.F64, f64.tobytes()),
+                              ("i8", [4], GGMLType.I8, i8.tobytes()),
+                              ("i32", [2], GGMLType.I32, i32.tobytes()),
+                              ("i64", [2], GGMLType.I64, i64.tobytes())])
+    g = read_gguf(_write(tmp_path, blob, "plain.gguf"))
+    for name, values in [("f64", f64), ("i8", i8), ("i32", i32), ("i64", i64)]:
+        got = g.dequantize(name)
+        assert got.dtype == torch.float32 and got.tolist() == values.astype(np.float32).tolist()
+    with pytest.raises(ValueError, match="expected 8 bytes"):
+        dequantize(np.zeros(5, np.uint8), GGMLType.F64, 1)

@@ -382,12 +382,13 @@ def _atomic_file(path: str, overwrite: bool) -> Iterator[object]:
     _fsync_dir(directory)
 
 
-# Why our own serializer and not safetensors.torch.save_file (0.8.0): it is as fast and
-# as lean (100 MB of F16/F32: 0.18 s vs 0.22 s here, +1 MB peak RSS both), but it
-# refuses a dict in which two names share one tensor (tied embeddings: "Some tensors
-# share memory"), and it orders the data by dtype, not by item size as
-# qdec.quant.streaming's chunked writer does, which must reproduce this layout
-# without holding whole tensors in memory. One layout, written here.
+# Why our own serializer and not safetensors.torch.save_file (0.8.0): that one is
+# faster (100 MB of F16/F32: 0.07-0.18 s vs 0.13-0.22 s here, no extra peak RSS for
+# either; benchmarks/readers_load.py), but it refuses a dict in which two names share
+# one tensor (tied embeddings: "Some tensors share memory"), and it orders the data
+# by dtype, not by item size as qdec.quant.streaming's chunked writer does, which
+# must reproduce this layout without holding whole tensors in memory. One layout,
+# written here; the write is I/O-bound at checkpoint sizes.
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None, *,
                      overwrite: bool = False) -> None:

@@ -9,11 +9,12 @@ overlapping) raises :class:`ValueError` naming the file, the field and the byte
 offset.
 
 Why the header is parsed here and not by ``gguf.GGUFReader`` (gguf 0.19.0,
-measured on the embedded SmolLM2-135M Q4_1 file, one thread):
+measured on the embedded SmolLM2-135M Q4_1 file, one thread, on a shared
+2-core machine; ``benchmarks/readers_load.py``):
 
-* it takes 12.2 s and +150 MB peak RSS to open the file (it builds numpy views
-  for each of the 49,152 vocabulary strings and merges) where this parser takes
-  0.6-1.1 s;
+* it takes 5.6-12.2 s and +145 MB peak RSS to open the file (it builds numpy
+  views for each of the 49,152 vocabulary strings and merges) where this parser
+  takes 0.5-1.1 s;
 * its errors on malformed files are numpy's, naming neither file, field nor
   offset: an array length of 2**50 in a 100-byte file gives "When changing to a
   larger dtype, its size must be a divisor of the total size in bytes of the last

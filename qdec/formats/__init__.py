@@ -1,7 +1,7 @@
 """Checkpoint formats: reading, writing and converting quantized models.
 
-* :mod:`.safetensors_io`: a strict safetensors reader (validates the header before
-  touching data, memory-maps tensors), an atomic writer, HF sharded directories,
+* :mod:`.safetensors_io`: safetensors through the ``safetensors`` library plus the
+  checks it lacks (errors naming file and tensor), an atomic writer, HF sharded directories,
   and refusal of pickle files unless explicitly allowed.
 * :mod:`.autoawq`: AutoAWQ ``gemm`` checkpoints (4-bit), lossless to/from the
   project layout.

@@ -8,9 +8,10 @@ loaded here, are *dequantized Q4_1*: they are this project's reference weights
 What the loader does:
 
 * ``LlamaConfig`` from the ``llama.*`` and ``tokenizer.ggml.*`` metadata;
-* every tensor dequantized (our own reader, :mod:`qdec.models.gguf`) and mapped
-  by name to its Hugging Face parameter, with llama.cpp's Q/K row permutation
-  undone (:func:`unpermute_qk`) because transformers uses ``rotate_half`` RoPE;
+* every tensor dequantized (:mod:`qdec.models.gguf`: our header parser, the
+  ``gguf`` package's dequantization) and mapped by name to its Hugging Face
+  parameter, with llama.cpp's Q/K row permutation undone (:func:`unpermute_qk`)
+  because transformers uses ``rotate_half`` RoPE;
 * a byte-level BPE tokenizer (``tokenizers``) from ``tokenizer.ggml.tokens`` /
   ``merges`` / ``token_type`` and the pre-tokenizer named by
   ``tokenizer.ggml.pre``, wrapped in ``PreTrainedTokenizerFast`` with the bos/eos

@@ -1,6 +1,7 @@
 """GGUF reader: synthetic files written here (every metadata type, hand-computed
-Q4_0/Q4_1/Q8_0 blocks, corrupt variants) and a cross-check of the real embedded
-model against the ``gguf`` package's reader."""
+Q4_0/Q4_1/Q8_0 blocks, corrupt variants), a cross-check of the real embedded
+model against the ``gguf`` package's reader, and its Llama weights pinned to the
+values of the project's previous dequantizer."""
 
 from __future__ import annotations
 
@@ -314,11 +315,15 @@ def test_overlapping_tensors(tmp_path):
 
 
 def test_unsupported_type_and_missing_tensor(tmp_path):
-    blob, _ = build_gguf([], [("k", [256], GGMLType.Q6_K, b"\0" * 210)])
+    # Q8_1 is llama.cpp's activation-only type: the gguf package cannot dequantize it.
+    # Q6_K can be (through the package), and the reader sizes both from the block table.
+    blob, _ = build_gguf([], [("k", [64], GGMLType.Q8_1, b"\0" * 80),
+                              ("six", [256], GGMLType.Q6_K, b"\0" * 210)])
     g = read_gguf(_write(tmp_path, blob))
-    assert g.tensors["k"].n_bytes == 210
-    with pytest.raises(NotImplementedError, match="tensor 'k'.*Q6_K"):
+    assert g.tensors["k"].n_bytes == 80 and g.tensors["six"].n_bytes == 210
+    with pytest.raises(NotImplementedError, match=r"bad\.gguf: tensor 'k'.*Q8_1"):
         g.dequantize("k")
+    assert g.dequantize("six").tolist() == [0.0] * 256
     with pytest.raises(KeyError, match="no tensor named 'nope'"):
         g.dequantize("nope")
     with pytest.raises(FileNotFoundError):
@@ -369,3 +374,65 @@ def test_real_tensors_match_gguf_package(real_path):
         np.testing.assert_array_equal(mine.numpy(), ref.reshape(mine.shape), err_msg=t.name)
     for key in ("llama.rope.freq_base", "general.name", "tokenizer.ggml.bos_token_id"):
         assert ours.metadata[key] == reader.fields[key].contents()
+
+
+# sha256 of the float32 bytes of Hugging Face-named weights of the embedded SmolLM2
+# GGUF after dequantization and the Q/K row un-permutation, as computed by the
+# project's own numpy dequantizer before it was replaced by gguf.quants (commit
+# 3e14ae1, qdec.models.llama.llama_state_dict_from_gguf). The replacement must be
+# bit-identical, Q/K order included.
+PINNED_SHA256 = {
+    "model.layers.0.self_attn.q_proj.weight":
+        "54b377bbfa2deab945dfdba7fb59e0ca3eb74329358bd1b53b635b3ff37c1a56",
+    "model.layers.0.self_attn.k_proj.weight":
+        "814d239237d0643a10d9468d42e617b687ef032f85ad617389de27cf27f6fd34",
+    "model.layers.29.self_attn.q_proj.weight":
+        "2f39f8002e96772faadb7667719e615167fe314589ce699ce97a007e33f2f298",
+    "model.layers.29.self_attn.k_proj.weight":
+        "8e99b2450d5f3d53731f52790cc82f80b04341e533306bcfee6669ffa3c79921",
+    "model.layers.7.mlp.down_proj.weight":
+        "9d3af8b67d13c727ae5ffe470464163b9cac42eb494525392bd3e79c8db73880",
+    "model.embed_tokens.weight":
+        "3fd491c8066dd9dc1a2bf6796701526c82817d95c0ecabacdef3013c2b8bbbaa",
+    "model.norm.weight": "3b87f8e27335e67fc08f159cabfd2d18f205d6c5b225a6f978153552bf01d559",
+}
+# The same over every tensor (names sorted, each name's bytes then its float32 data).
+PINNED_ALL_SHA256 = "785e20b3e653276b0579b744214a1186d730ba80af04f397f642d6432e5e0154"
+
+
+def test_real_llama_weights_bit_identical_to_the_previous_dequantizer(real_path):
+    import hashlib
+
+    from qdec.models.llama import llama_state_dict_from_gguf
+
+    state = llama_state_dict_from_gguf(read_gguf(real_path))
+    assert len(state) == 272
+
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+    for name, expected in PINNED_SHA256.items():
+        assert digest(state[name]) == expected, name
+    everything = hashlib.sha256()
+    for name in sorted(state):
+        everything.update(name.encode())
+        everything.update(state[name].contiguous().numpy().tobytes())
+    assert everything.hexdigest() == PINNED_ALL_SHA256
+
+
+def test_plain_types_the_gguf_package_does_not_dequantize(tmp_path):
+    # F64 and I8..I64 are converted by this module (gguf.quants raises for them).
+    f64 = np.array([1.5, -2.25], dtype="<f8")
+    i8 = np.array([-128, 0, 127, 5], dtype="<i1")
+    i32 = np.array([-(2**31), 7], dtype="<i4")
+    i64 = np.array([2**40, -3], dtype="<i8")
+    blob, _ = build_gguf([], [("f64", [2], GGMLType.F64, f64.tobytes()),
+                              ("i8", [4], GGMLType.I8, i8.tobytes()),
+                              ("i32", [2], GGMLType.I32, i32.tobytes()),
+                              ("i64", [2], GGMLType.I64, i64.tobytes())])
+    g = read_gguf(_write(tmp_path, blob, "plain.gguf"))
+    for name, values in [("f64", f64), ("i8", i8), ("i32", i32), ("i64", i64)]:
+        got = g.dequantize(name)
+        assert got.dtype == torch.float32 and got.tolist() == values.astype(np.float32).tolist()
+    with pytest.raises(ValueError, match="expected 8 bytes"):
+        dequantize(np.zeros(5, np.uint8), GGMLType.F64, 1)

@@ -212,20 +212,36 @@ void with_bits(int bits, F&& f) {
   }
 }
 
+// Per-thread scratch for the row parameters, grown when needed and kept:
+// a decode step calls the GEMV hundreds of times (SmolLM2: 210 linears of
+// ~20 us each), and an allocation per call and thread is avoidable work.
+inline float* row_scratch(int64_t floats) {
+  thread_local float* buf = nullptr;
+  thread_local int64_t cap = 0;
+  thread_local struct Release {
+    float** p;
+    ~Release() { delete[] *p; }
+  } release{&buf};
+  if (floats > cap) {
+    delete[] buf;
+    buf = new float[floats];
+    cap = floats;
+  }
+  return buf;
+}
+
 template <typename V>
 void gemv_entry(const LowBitWeight& w, const QuantizedActivations& x, int64_t n0, int64_t n1,
                 float* y) {
   // Row parameters in float32 (scales, zeros) and span factors, reused for every row.
-  float* params = new float[2 * w.groups + 4 * x.spans];
+  float* params = row_scratch(2 * w.groups + 4 * x.spans);
   with_bits(w.bits, [&]<int BITS>() { gemv_rows<V, BITS>(w, x, n0, n1, y, params); });
-  delete[] params;
 }
 
 template <typename V>
 void dequantize_entry(const LowBitWeight& w, int64_t n0, int64_t n1, float* out) {
-  float* params = new float[2 * w.groups];
+  float* params = row_scratch(2 * w.groups);
   with_bits(w.bits, [&]<int BITS>() { dequantize_rows<V, BITS>(w, n0, n1, out, params, params + w.groups); });
-  delete[] params;
 }
 
 template <typename V>

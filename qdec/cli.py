@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=A.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="GGUF file or HF model directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="awq")
+    p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="awq", help="quantizer")
     p.add_argument("--bits", type=A.weight_bits, default=3, help="weight bits (2..8)")
     p.add_argument("--group-size", type=A.group_size, default=128,
                    help="-1 (one group per row) or a multiple of 32")
@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=A.int_at_least(0), default=0,
                    help="sample among the N most likely tokens (0 = all)")
     p.add_argument("--tune-config", default=None,
-                   help="k per projection type from a qdec tune config (overrides --k)")
+                   help="k per projection type from a qdec tune config (overrides --k; "
+                        "default: none)")
     p.add_argument("--tune-target", default=None,
                    help="slowdown target in the config, e.g. 2.5%% (default: the smallest)")
     p.set_defaults(func=cmd_generate)
@@ -386,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-len", type=A.int_at_least(1), default=512,
                    help="tokens per calibration window")
     p.add_argument("--tune-config", default=None,
-                   help="also evaluate k per projection type from this qdec tune config")
+                   help="also evaluate k per projection type from this qdec tune config "
+                        "(default: none)")
     p.add_argument("--tune-targets", type=A.target_list, default="",
                    help="targets of the config to evaluate, e.g. 2.5%%,5%% (default: all)")
     p.add_argument("--out", default="results/eval.json",

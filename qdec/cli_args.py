@@ -45,7 +45,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if action.default is None or action.default is False or \
+                action.default is argparse.SUPPRESS or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -236,20 +237,18 @@ def variant_list(text: str) -> list:
     variants = []
     for spec in _items(text):
         parts = spec.split(":")
-        try:
-            variant = Variant.parse(spec)
-        except ValueError:
+        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] not in ("sym", "asym")):
             raise argparse.ArgumentTypeError(
-                f"{spec!r} must look like method:bits:group[:sym|asym], e.g. awq:3:128") from None
-        if variant.method not in METHODS:
+                f"{spec!r} must look like method:bits:group[:sym|asym], e.g. awq:3:128")
+        if parts[0] not in METHODS:
             raise argparse.ArgumentTypeError(
-                f"{spec!r}: method {variant.method!r} is not one of {', '.join(METHODS)}")
+                f"{spec!r}: method {parts[0]!r} is not one of {', '.join(METHODS)}")
         try:
             weight_bits(parts[1])
             group_size(parts[2])
         except argparse.ArgumentTypeError as e:
             raise argparse.ArgumentTypeError(f"{spec!r}: {e}") from None
-        variants.append(variant)
+        variants.append(Variant.parse(spec))
     return variants
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import cli_args as A
+from .phases import phase
 
 #: ``qdec generate``'s k when --k is not given (a fraction: 2 % of input channels).
 GENERATE_DEFAULT_K = 0.02
@@ -99,8 +100,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{src}: neither a .gguf file nor a model directory with "
                                     f"config.json")
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-        calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
-                                args.seed)
+        with phase(f"calibration windows from {args.calib}"):
+            calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
+                                    args.seed)
         with tempfile_dir(out) as tmp_tok:
             tok.save_pretrained(tmp_tok)
             extra = {f.name: f for f in Path(tmp_tok).iterdir()}
@@ -112,9 +114,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .formats.qdec_checkpoint import save_quantization_result
         from .quant.pipeline import quantize_model
 
-        model, tok = load_model(args.model)
-        calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
-                                args.seed)
+        with phase(f"loading {args.model or 'the embedded SmolLM2-135M'}"):
+            model, tok = load_model(args.model)
+        with phase(f"calibration windows from {args.calib}"):
+            calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
+                                    args.seed)
         result = quantize_model(model, args.method, args.bits, args.group_size,
                                 calib_ids=calib, **options)
         with tempfile_dir(out) as tmp_tok:
@@ -173,7 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .tune import load_config
 
         load_config(args.tune_config, args.tune_target)
-    model = load_patched_checkpoint(args.checkpoint)
+    with phase(f"loading {args.checkpoint}"):
+        model = load_patched_checkpoint(args.checkpoint)
     tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
     messages = [{"role": "user", "content": args.prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")

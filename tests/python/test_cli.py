@@ -277,3 +277,32 @@ def test_excerpts_hold_the_default_eval_windows():
     text = tok(load_text(cli_args.DEFAULT_TEXT)).input_ids
     calib = tok(load_text(cli_args.DEFAULT_CALIB)).input_ids
     assert len(text) >= 10 * 2048 + 1 and len(calib) >= 16 * 512
+
+
+def test_eval_reports_scored_tokens_and_phases(monkeypatch, tmp_path, capsys):
+    """`qdec eval` end to end on a tiny random Llama: it names the phases before
+    the first bar and prints the tokens it scored, not the length of the file."""
+    import torch
+    from test_eval_sweep import CharTokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    monkeypatch.setattr(llama, "load_gguf_llama", lambda path=None: (model, CharTokenizer()))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)  # 1800 chars = tokens
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--text", str(text), "--calib", str(text), "--seq-len", "64",
+                 "--max-windows", "2", "--variants", "rtn:2:32", "--fractions", "0.5",
+                 "--policies", "dynamic", "--calib-samples", "2", "--calib-len", "32",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(out.read_text())
+    scored = results["reference"]["tokens"]
+    assert 0 < scored < 1800 == results["text_tokens"]
+    assert f"({scored} tokens scored in 2 windows of 64; the text has 1800)" in captured.out
+    for what in ("loading the embedded SmolLM2-135M", f"tokenizing {text}",
+                 f"calibration windows from {text}"):
+        assert f"{what} ..." in captured.err and f"{what}: done in" in captured.err

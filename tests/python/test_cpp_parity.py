@@ -327,6 +327,28 @@ def test_errors_are_clear(tiny, tmp_path):
     assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
 
 
+@pytest.mark.parametrize("block_bits, section_bits", [(4, 9), (9, 9), (5, 5)])
+def test_same_checkpoint_checks_as_python(tiny, tmp_path, block_bits, section_bits):
+    """A config.json whose bits disagree with its 4-bit tensors (bits = 9, or a
+    quantization_config block that disagrees with the qdec section) is refused by
+    qdec_infer with the Python reader's message, word for word."""
+    import json
+
+    from qdec.formats.qdec_checkpoint import FormatError, read_qdec_checkpoint
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = block_bits
+    cfg["qdec"]["bits"] = section_bits
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError) as e:
+        read_qdec_checkpoint(broken)
+    proc = run_infer("--model", str(broken), "--ids", "1", check=False)
+    assert proc.returncode == 1
+    assert str(e.value) in proc.stderr, (str(e.value), proc.stderr)
+
+
 def test_tune_config_parity(tiny, tmp_path):
     """qdec_infer --tune-config applies the k of a `qdec tune` config as
     `qdec generate --tune-config` does (configure with load_config), and

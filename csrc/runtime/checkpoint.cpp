@@ -156,7 +156,7 @@ ModelConfig parse_model_config_unchecked(const json& j, const std::string& file)
 
 QdecSection parse_qdec_section_unchecked(const json& j, const std::string& file) {
   auto it = j.find("qdec");
-  if (it == j.end() || !it->is_object()) bad(file, "no \"qdec\" section: not a QDEC checkpoint");
+  if (it == j.end() || !it->is_object()) bad(file, "no 'qdec' section; not a QDEC checkpoint");  // the Python reader's words
   const json& s = *it;
   QdecSection q;
   q.format_version = static_cast<int>(get_int(s, "format_version", file));

@@ -471,7 +471,7 @@ TEST_CASE("checkpoint directory validation", "[loader][checkpoint]") {
     Mutators m;
     m.config = [](json& c) { c.erase("qdec"); };
     write_tiny_checkpoint(dir, spec, m);
-    expect_checkpoint_error(dir, Kind::BadConfig, {"config.json", "no \"qdec\" section"});
+    expect_checkpoint_error(dir, Kind::BadConfig, {"config.json", "no 'qdec' section; not a QDEC checkpoint"});
   }
   SECTION("config.json not JSON") {
     write_tiny_checkpoint(dir, spec);

@@ -327,10 +327,21 @@ def test_errors_are_clear(tiny, tmp_path):
     assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
 
 
-@pytest.mark.parametrize("block_bits, section_bits", [(4, 9), (9, 9), (5, 5)])
-def test_same_checkpoint_checks_as_python(tiny, tmp_path, block_bits, section_bits):
-    """A config.json whose bits disagree with its 4-bit tensors (bits = 9, or a
-    quantization_config block that disagrees with the qdec section) is refused by
+def _set_bits(block: int, section: int):
+    def mutate(cfg: dict) -> None:
+        cfg["quantization_config"]["bits"] = block
+        cfg["qdec"]["bits"] = section
+    return mutate
+
+
+@pytest.mark.parametrize("mutate", [
+    _set_bits(4, 9),  # the block and the section disagree
+    _set_bits(9, 9),  # bits = 9 everywhere over 4-bit tensors: out of range
+    _set_bits(5, 5),  # a valid width that is not the tensors'
+    lambda cfg: cfg.pop("qdec"),  # not a QDEC checkpoint
+], ids=["block-vs-section", "bits-9", "bits-5-vs-4-bit-tensors", "no-qdec-section"])
+def test_same_checkpoint_checks_as_python(tiny, tmp_path, mutate):
+    """A config.json whose bits disagree with its 4-bit tensors is refused by
     qdec_infer with the Python reader's message, word for word."""
     import json
 
@@ -339,8 +350,7 @@ def test_same_checkpoint_checks_as_python(tiny, tmp_path, block_bits, section_bi
     broken = tmp_path / "broken"
     shutil.copytree(tiny, broken)
     cfg = json.loads((broken / "config.json").read_text())
-    cfg["quantization_config"]["bits"] = block_bits
-    cfg["qdec"]["bits"] = section_bits
+    mutate(cfg)
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError) as e:
         read_qdec_checkpoint(broken)

@@ -236,8 +236,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot_results(results, out.with_suffix(".png"))
     ref = results["reference"]["ppl"]
     scored = results["reference"]
-    print(f"reference perplexity {ref:.3f} ({scored['tokens']} tokens scored in "
-          f"{scored['windows']} windows of {cfg.seq_len}; the text has {results['text_tokens']})")
+    windows = f"{scored['windows']} window{'s' if scored['windows'] != 1 else ''}"
+    print(f"reference perplexity {ref:.3f} ({scored['tokens']} tokens scored in {windows} of "
+          f"{cfg.seq_len}; the text has {results['text_tokens']})")
     for v in results["variants"]:
         print(f"{v['label']}: {v['quantized']['ppl']:.3f}")
         for c in v["compensated"]:

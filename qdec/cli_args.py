@@ -315,7 +315,8 @@ def check_output_file(flag: str, path: str | os.PathLike) -> Path:
     under a writable directory (created later if missing)."""
     p = Path(path)
     if p.is_dir():
-        raise FileExistsError(f"{flag} {p}: is a directory; give a file name, e.g. {p / 'eval.json'}")
+        raise FileExistsError(f"{flag} {p}: is a directory; give a file name, "
+                              f"e.g. {p / 'eval.json'}")
     _writable_parent(flag, p)
     return p
 

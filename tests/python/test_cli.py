@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import ast
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -58,7 +58,8 @@ def command_error(capsys, argv: list[str]) -> str:
     (["eval", "--variants", "awq:3:100"], "--variants", "positive multiple of 32"),
     (["eval", "--variants", "awq:3"], "--variants", "method:bits:group"),
     (["eval", "--variants", "awq:x:128"], "--variants", "'x' is not an integer"),
-    (["eval", "--policies", "dynamik"], "--policies", "unknown policy 'dynamik'; choose from dynamic"),
+    (["eval", "--policies", "dynamik"], "--policies",
+     "unknown policy 'dynamik'; choose from dynamic"),
     (["eval", "--fractions", "abc"], "--fractions", "'abc' is not a number"),
     (["eval", "--fractions", "0.01,1.5"], "--fractions", "'1.5' is not a fraction in [0, 1]"),
     (["eval", "--cost-fractions", "-0.1"], "--cost-fractions", "not a fraction"),
@@ -93,7 +94,8 @@ def test_bad_value_refused_while_parsing(no_model, capsys, argv, flag, message):
 def test_paths_and_outputs_checked_before_loading(no_model, capsys, tmp_path):
     missing = tmp_path / "missing.txt"
     err = command_error(capsys, ["eval", "--text", str(missing)])
-    assert f"--text {missing}: not found" in err and "wiki.test.raw" in err  # how to get the full file
+    # ... saying how to point at the full file
+    assert f"--text {missing}: not found" in err and "wiki.test.raw" in err
     err = command_error(capsys, ["eval", "--calib", str(missing)])
     assert f"--calib {missing}: not found" in err and "wikitext-2/valid.txt" in err
     err = command_error(capsys, ["eval", "--text", str(tmp_path)])
@@ -254,14 +256,19 @@ def test_default_texts_are_the_shipped_excerpts(capsys):
     assert "excerpt" in text and "wiki.test.raw" in text
     for path in (cli_args.DEFAULT_TEXT, cli_args.DEFAULT_CALIB):
         assert path.is_file() and 50_000 < path.stat().st_size <= 100_000
-    # The test excerpt is the start of the full file, byte for byte, when the full file is here.
+    # The test excerpt is the start of the full file, byte for byte (checked where the
+    # full file is, beside the repository in the project's workspace; a clone has only
+    # the excerpt).
     full = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
     if full.is_file():
         excerpt = cli_args.DEFAULT_TEXT.read_bytes()
         assert full.read_bytes()[:len(excerpt)] == excerpt
     # ... and ships in the wheel, with its license note.
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["qdec"]
+    # (a regex, not tomllib: that is Python >= 3.11 and the project supports 3.10)
+    block = re.search(r"^\[tool\.setuptools\.package-data\]\nqdec = (\[.*?\])$",
+                      (REPO / "pyproject.toml").read_text(), re.M | re.S)
+    assert block, "pyproject.toml has no [tool.setuptools.package-data] qdec = [...]"
+    patterns = ast.literal_eval(block.group(1))
     for f in ("wikitext2_test_excerpt.txt", "wikitext2_valid_excerpt.txt", "README.md"):
         assert any(Path("data", f).match(p) for p in patterns), f
     assert "CC BY-SA 3.0" in (cli_args.DATA_DIR / "README.md").read_text()

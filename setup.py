@@ -82,13 +82,23 @@ def compile_args(cuda: bool) -> dict[str, list[str]]:
     return args
 
 
+def announce(files: list[str], cuda: bool) -> None:
+    """Say what is about to be compiled: the build is silent for minutes
+    otherwise (``pip install -v`` also shows ninja's ``[i/n]`` line per file)."""
+    print(f"qdec: building qdec._C ({'CPU + CUDA' if cuda else 'CPU only'}) from "
+          f"{len(files)} sources with MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')}: "
+          f"{', '.join(files)}", file=sys.stderr, flush=True)
+
+
 def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = read_sources()
     include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
     files = sources["cpu"] + ["csrc/python/module.cpp"]
-    if use_cuda():
+    cuda = use_cuda()
+    announce(files + (sources.get("cuda", []) if cuda else []), cuda)
+    if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
         return [
             CUDAExtension(

@@ -8,15 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_args as A
+from .phases import phase
 
-def _variants(text: str):
-    from .eval.sweep import Variant
+#: ``qdec generate``'s k when --k is not given (a fraction: 2 % of input channels).
+GENERATE_DEFAULT_K = 0.02
 
-    return [Variant.parse(s) for s in text.split(",") if s]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(s) for s in text.split(",") if s]
+DESCRIPTION = ("QDEC: quantize a model, evaluate perplexity with dynamic error compensation, "
+               "generate, tune k per projection. Every argument is checked before a model is "
+               "loaded. --k everywhere: an integer (16) is a count of input channels, a number "
+               "with a decimal point (0.05, 1.0) a fraction of them.")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -82,9 +83,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     default) is loaded whole, as it is small."""
     from .eval.sweep import calibration_ids, environment, write_json
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    A.check_model_path("--model", args.model)
+    A.check_text_files(None, args.calib)
+    out = A.check_output_dir("--out", args.out, args.overwrite)
     options = dict(symmetric=args.symmetric, residual_bits=args.residual_bits or None,
                    gptq_act_order=args.act_order)
     t0 = time.time()
@@ -99,8 +100,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{src}: neither a .gguf file nor a model directory with "
                                     f"config.json")
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-        calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
-                                args.seed)
+        with phase(f"calibration windows from {args.calib}"):
+            calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
+                                    args.seed)
         with tempfile_dir(out) as tmp_tok:
             tok.save_pretrained(tmp_tok)
             extra = {f.name: f for f in Path(tmp_tok).iterdir()}
@@ -112,9 +114,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .formats.qdec_checkpoint import save_quantization_result
         from .quant.pipeline import quantize_model
 
-        model, tok = load_model(args.model)
-        calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
-                                args.seed)
+        with phase(f"loading {args.model or 'the embedded SmolLM2-135M'}"):
+            model, tok = load_model(args.model)
+        with phase(f"calibration windows from {args.calib}"):
+            calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len,
+                                    args.seed)
         result = quantize_model(model, args.method, args.bits, args.group_size,
                                 calib_ids=calib, **options)
         with tempfile_dir(out) as tmp_tok:
@@ -168,7 +172,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .patch import configure, load_patched_checkpoint
 
-    model = load_patched_checkpoint(args.checkpoint)
+    k_arg = A.check_checkpoint_k(args.checkpoint, args.k, GENERATE_DEFAULT_K)
+    if args.tune_config:  # fail now, not after loading the model
+        from .tune import load_config
+
+        load_config(args.tune_config, args.tune_target)
+    with phase(f"loading {args.checkpoint}"):
+        model = load_patched_checkpoint(args.checkpoint)
     tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
     messages = [{"role": "user", "content": args.prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
@@ -180,8 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         settings.append(load_config(args.tune_config, args.tune_target))
         configure(model, sm_budget=load_sm_budgets(args.tune_config, args.tune_target))
-    elif args.k:
-        settings.append(args.k)
+    elif k_arg:
+        settings.append(k_arg)
     for k in settings:
         configure(model, k=0)
         configure(model, k=k)
@@ -192,9 +202,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  temperature=args.temperature or None, top_k=args.top_k or None)
         new = out.shape[1] - ids.shape[1]
         dt = time.time() - t0
-        what = (", ".join(f"{n} {f:.2%}" for n, f in k.items()) if isinstance(k, dict)
-                else f"{k:.1%}")
-        print(f"--- k = {what} of input channels: {new} tokens in {dt:.2f} s "
+        what = (", ".join(f"{n} {f:.2%}" for n, f in k.items()) + " of input channels"
+                if isinstance(k, dict) else A.describe_k(k))
+        print(f"--- k = {what}: {new} tokens in {dt:.2f} s "
               f"({new / dt:.1f} tokens/s)")
         print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
@@ -203,17 +213,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.sweep import EvalConfig, plot_results, run_eval
 
+    A.check_model_path("--model", args.model)
+    A.check_text_files(args.text, args.calib)
+    A.check_output_file("--out", args.out)
     cfg = EvalConfig(
         text=Path(args.text), calib_text=Path(args.calib), model=args.model,
-        seq_len=args.seq_len, max_windows=args.max_windows, variants=_variants(args.variants),
-        fractions=_floats(args.fractions), policies=[p for p in args.policies.split(",") if p],
+        seq_len=args.seq_len, max_windows=args.max_windows, variants=args.variants,
+        fractions=args.fractions, policies=args.policies,
         residual_bits=args.residual_bits, calib_samples=args.calib_samples,
         calib_len=args.calib_len, progress=not args.no_progress,
-        ranks=[int(r) for r in args.ranks.split(",") if r],
-        cost_fractions=_floats(args.cost_fractions),
-        lowrank_methods=[m for m in args.lowrank_methods.split(",") if m],
+        ranks=args.ranks, cost_fractions=args.cost_fractions,
+        lowrank_methods=args.lowrank_methods,
         tune_config=Path(args.tune_config) if args.tune_config else None,
-        tune_targets=[t for t in args.tune_targets.split(",") if t])
+        tune_targets=args.tune_targets)
     if cfg.tune_config is not None:  # fail now, not after the reference pass
         from .tune import load_targets
 
@@ -223,7 +235,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if cfg.policies and cfg.fractions:
         plot_results(results, out.with_suffix(".png"))
     ref = results["reference"]["ppl"]
-    print(f"reference perplexity {ref:.3f} ({results['text_tokens']} tokens)")
+    scored = results["reference"]
+    windows = f"{scored['windows']} window{'s' if scored['windows'] != 1 else ''}"
+    print(f"reference perplexity {ref:.3f} ({scored['tokens']} tokens scored in {windows} of "
+          f"{cfg.seq_len}; the text has {results['text_tokens']})")
     for v in results["variants"]:
         print(f"{v['label']}: {v['quantized']['ppl']:.3f}")
         for c in v["compensated"]:
@@ -247,6 +262,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .eval.report import write_report
 
+    for path in args.results:
+        A.check_input_file("results", path)
+    A.check_output_file("--out", args.out)
     written = write_report([Path(p) for p in args.results], Path(args.out))
     for what, path in written.items():
         print(f"{what}: {path}")
@@ -258,7 +276,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import (_parse_target, default_config_path, measure, parse_weights,
                        summary_table, tune, write_config)
 
-    targets = [_parse_target(t) for t in args.targets.split(",") if t]
+    targets = [_parse_target(t) for t in args.targets]
     weights = parse_weights(args.weights)
     if unknown := set(weights) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                   "up_proj", "down_proj"}:
@@ -266,11 +284,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    try:
-        budgets = [int(b) for b in args.sm_budgets.split(",") if b.strip()]
-    except ValueError:
-        raise ValueError(f"--sm-budgets must be comma-separated integers, got "
-                         f"{args.sm_budgets!r}") from None
+    if out is not None:
+        A.check_output_file("--out", out)
+    budgets = args.sm_budgets
     measurement = measure(args.device, args.bits, args.group_size, args.residual_bits,
                           args.shapes, sm_budgets=budgets or [0], iters=args.iters or None,
                           progress=not args.no_progress)
@@ -285,87 +301,123 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qdec", description=__doc__)
+    from .tune import SHAPE_PRESETS
+
+    parser = argparse.ArgumentParser(prog="qdec", description=DESCRIPTION,
+                                     formatter_class=A.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="compensate one real layer of the embedded model")
-    p.add_argument("--layer", type=int, default=10)
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=64)
+    p = sub.add_parser("demo", help="compensate one real layer of the embedded model",
+                       formatter_class=A.HelpFormatter)
+    p.add_argument("--layer", type=A.int_at_least(0), default=10, help="decoder layer index")
+    p.add_argument("--bits", type=A.weight_bits, default=3, help="RTN bits (2..8)")
+    p.add_argument("--group-size", type=A.group_size, default=64,
+                   help="-1 (one group per row) or a multiple of 32")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("quantize", help="quantize a model, write a QDEC checkpoint")
+    p = sub.add_parser("quantize", help="quantize a model, write a QDEC checkpoint",
+                       formatter_class=A.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="GGUF file or HF model directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="awq")
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="awq", help="quantizer")
+    p.add_argument("--bits", type=A.weight_bits, default=3, help="weight bits (2..8)")
+    p.add_argument("--group-size", type=A.group_size, default=128,
+                   help="-1 (one group per row) or a multiple of 32")
+    p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
-    p.add_argument("--residual-bits", type=int, default=4, help="0 for no residual store")
-    p.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--residual-bits", type=A.residual_bits(allow_none=True), default=4,
+                   help="bits of the residual store, 2..8; 0 for none")
+    p.add_argument("--calib", default=str(A.DEFAULT_CALIB),
+                   help="calibration text (default: the WikiText-2 validation excerpt shipped "
+                        "with qdec; the full file is wikitext-2/valid.txt)")
+    p.add_argument("--calib-samples", type=A.int_at_least(1), default=16,
+                   help="calibration windows")
+    p.add_argument("--calib-len", type=A.int_at_least(1), default=512,
+                   help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--out", required=True,
+                   help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("generate", help="generate from a QDEC checkpoint with/without QDEC")
-    p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--k", type=float, default=0.02, help="fraction of input channels")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
+    p = sub.add_parser("generate", help="generate from a QDEC checkpoint with/without QDEC",
+                       formatter_class=A.HelpFormatter)
+    p.add_argument("checkpoint", help="QDEC checkpoint directory (written by qdec quantize)")
+    p.add_argument("--prompt", default="What is the capital of France?",
+                   help="user message (the chat template is applied)")
+    p.add_argument("--max-new-tokens", type=A.int_at_least(1), default=48,
+                   help="tokens to generate")
+    p.add_argument("--k", type=A.k_value, default=None,
+                   help=f"channels compensated per token in every quantized linear: {A.K_RULE} "
+                        f"(default: {GENERATE_DEFAULT_K}; 0 on a checkpoint without a residual "
+                        f"store)")
+    p.add_argument("--temperature", type=A.nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=A.int_at_least(0), default=0,
+                   help="sample among the N most likely tokens (0 = all)")
     p.add_argument("--tune-config", default=None,
-                   help="k per projection type from a qdec tune config (overrides --k)")
+                   help="k per projection type from a qdec tune config (overrides --k; "
+                        "default: none)")
     p.add_argument("--tune-target", default=None,
                    help="slowdown target in the config, e.g. 2.5%% (default: the smallest)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="perplexity sweep: reference, quantized, QDEC x policies")
+    p = sub.add_parser("eval", help="perplexity sweep: reference, quantized, QDEC x policies",
+                       formatter_class=A.HelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2-135M)")
-    p.add_argument("--text", default="../shared/data/wikitext-2-raw/wiki.test.raw")
-    p.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None,
+    p.add_argument("--text", default=str(A.DEFAULT_TEXT),
+                   help="text to score (default: the WikiText-2 test excerpt shipped with qdec, "
+                        "~20k tokens; the full file is wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--calib", default=str(A.DEFAULT_CALIB),
+                   help="calibration text (default: the WikiText-2 validation excerpt shipped "
+                        "with qdec; the full file is wikitext-2/valid.txt)")
+    p.add_argument("--seq-len", type=A.int_at_least(2), default=2048, help="tokens per window")
+    p.add_argument("--max-windows", type=A.int_at_least(1), default=None,
                    help="evaluate only the first N windows (default: the whole text)")
-    p.add_argument("--variants", default="rtn:3:128,awq:3:128,awq:2:64",
-                   help="comma-separated method:bits:group[:sym]")
-    p.add_argument("--fractions", default="0.01,0.02,0.05,0.1")
-    p.add_argument("--policies", default="dynamic,static,random,oracle",
+    p.add_argument("--variants", type=A.variant_list, default="rtn:3:128,awq:3:128,awq:2:64",
+                   help="comma-separated method:bits:group[:sym], method rtn, awq or gptq")
+    p.add_argument("--fractions", type=A.fraction_list, default="0.01,0.02,0.05,0.1",
+                   help="k of the sweep, as fractions of the input channels in [0, 1]")
+    p.add_argument("--policies", type=A.policy_list, default="dynamic,static,random,oracle",
                    help="selection policies of the k sweep ('' skips the sweep)")
-    p.add_argument("--residual-bits", type=int, default=4)
-    p.add_argument("--ranks", default="",
+    p.add_argument("--residual-bits", type=A.residual_bits(allow_none=False), default=4,
+                   help="bits of the residual store (2..8)")
+    p.add_argument("--ranks", type=A.positive_int_list, default="",
                    help="matched-cost comparison (none / low-rank / QDEC / hybrid) at these "
                         "low-rank budgets, e.g. 8,32 (default: no comparison)")
-    p.add_argument("--cost-fractions", default="0.02,0.05",
+    p.add_argument("--cost-fractions", type=A.fraction_list, default="0.02,0.05",
                    help="fetched-channel budgets of the matched-cost comparison")
-    p.add_argument("--lowrank-methods", default="lorc,lqer,aser",
+    p.add_argument("--lowrank-methods", type=A.lowrank_method_list, default="lorc,lqer,aser",
                    help="static low-rank baselines of the comparison")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--calib-samples", type=A.int_at_least(1), default=16,
+                   help="calibration windows")
+    p.add_argument("--calib-len", type=A.int_at_least(1), default=512,
+                   help="tokens per calibration window")
     p.add_argument("--tune-config", default=None,
-                   help="also evaluate k per projection type from this qdec tune config")
-    p.add_argument("--tune-targets", default="",
+                   help="also evaluate k per projection type from this qdec tune config "
+                        "(default: none)")
+    p.add_argument("--tune-targets", type=A.target_list, default="",
                    help="targets of the config to evaluate, e.g. 2.5%%,5%% (default: all)")
-    p.add_argument("--out", default="results/eval.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="results/eval.json",
+                   help="results JSON (replaced if it exists); plots are written beside it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tune", help="measure the GEMV and compensation cost on this device and "
-                                    "choose k per projection for target slowdowns")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--targets", default="2.5%,5%,10%",
+                                    "choose k per projection for target slowdowns",
+                       formatter_class=A.HelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device to time")
+    p.add_argument("--targets", type=A.target_list, default="2.5%,5%,10%",
                    help="allowed slowdowns of the decode step's linears (summed GEMVs)")
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--residual-bits", type=int, default=4)
-    p.add_argument("--shapes", default="llama3-8b",
+    p.add_argument("--bits", type=A.weight_bits, default=3, help="weight bits (2..8)")
+    p.add_argument("--group-size", type=A.group_size, default=128,
+                   help="-1 (one group per row) or a multiple of 32")
+    p.add_argument("--residual-bits", type=A.residual_bits(allow_none=False), default=4,
+                   help="bits of the residual store (2..8)")
+    p.add_argument("--shapes", default="llama3-8b", choices=sorted(SHAPE_PRESETS),
                    help="projection shapes to time: llama3-8b or smollm2-135m")
-    p.add_argument("--iters", type=int, default=0, help="timed calls per point (0: default)")
-    p.add_argument("--sm-budgets", default="0,4,8,16",
+    p.add_argument("--iters", type=A.int_at_least(0), default=0,
+                   help="timed calls per point (0: the built-in count)")
+    p.add_argument("--sm-budgets", type=A.nonnegative_int_list, default="0,4,8,16",
                    help="thread-block caps of the compensation kernel to time at each k "
                         "(0 = automatic); the fastest per k is kept")
     p.add_argument("--weights", default="",
@@ -373,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 1 each; 0 = never compensate)")
     p.add_argument("--out", default=None,
                    help="config file (default configs/<device>_<shapes>_w<b>g<g>r<rb>.json)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("report", help="tables and plots from qdec eval JSON files, merged")
+    p = sub.add_parser("report", help="tables and plots from qdec eval JSON files, merged",
+                       formatter_class=A.HelpFormatter)
     p.add_argument("results", nargs="+", help="JSON files written by qdec eval")
     p.add_argument("--out", required=True,
                    help="output prefix: writes PREFIX.md, PREFIX.png, PREFIX_costs.png")

@@ -156,7 +156,7 @@ ModelConfig parse_model_config_unchecked(const json& j, const std::string& file)
 
 QdecSection parse_qdec_section_unchecked(const json& j, const std::string& file) {
   auto it = j.find("qdec");
-  if (it == j.end() || !it->is_object()) bad(file, "no \"qdec\" section: not a QDEC checkpoint");
+  if (it == j.end() || !it->is_object()) bad(file, "no 'qdec' section; not a QDEC checkpoint");  // the Python reader's words
   const json& s = *it;
   QdecSection q;
   q.format_version = static_cast<int>(get_int(s, "format_version", file));
@@ -184,6 +184,39 @@ QdecSection parse_qdec_section_unchecked(const json& j, const std::string& file)
   return q;
 }
 
+// Python's repr() of a JSON scalar, so these messages read exactly as the
+// Python reader's (qdec.formats.qdec_checkpoint), which formats values with !r.
+std::string py_repr(const json& v) {
+  if (v.is_null()) return "None";
+  if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
+  if (v.is_string()) return "'" + v.get<std::string>() + "'";
+  return v.dump();
+}
+
+// config.json's quantization_config block with quant_method "qdec" (what vLLM
+// and transformers read) must agree with the qdec section this loader uses: the
+// checks and messages of the Python reader's read_quantization_config and
+// _parse_section, so both loaders refuse the same files.
+void check_quantization_config_block(const json& config, const std::string& file) {
+  const auto b = config.find("quantization_config");
+  if (b == config.end() || !b->is_object() || b->value("quant_method", json()) != "qdec") return;
+  const json& s = config.at("qdec");
+  const json version = b->value("format_version", json());
+  if (version != kCheckpointFormatVersion)
+    bad(file, "quantization_config.format_version is " + py_repr(version) + "; this reader knows version " +
+                  std::to_string(kCheckpointFormatVersion));
+  for (const std::string key : {"bits", "residual_bits"}) {
+    const json v = b->value(key, json());
+    if (!v.is_null() && !(is_int(v) && v.get<int64_t>() >= 2 && v.get<int64_t>() <= 8))
+      bad(file, "quantization_config." + key + " must be null or an int in 2..8, got " + py_repr(v));
+  }
+  for (const std::string key : {"format_version", "bits", "group_size", "symmetric", "residual_bits"}) {
+    const json bv = b->value(key, json()), sv = s.value(key, json());
+    if (bv != sv)
+      bad(file, "quantization_config." + key + " is " + py_repr(bv) + " but qdec." + key + " is " + py_repr(sv));
+  }
+}
+
 }  // namespace
 
 Checkpoint::Checkpoint(const std::string& dir_) : dir(dir_) {
@@ -201,6 +234,7 @@ void Checkpoint::load() {
   raw_config = parse_json_limited(read_text_file(cfg_path), cfg_path, 64);
   config = parse_model_config(raw_config, cfg_path);
   qdec = parse_qdec_section(raw_config, cfg_path);
+  check_quantization_config_block(raw_config, cfg_path);
 
   model = std::make_shared<SafetensorsFile>((fs::path(dir) / "model.safetensors").string());
   const std::string& mpath = model->path();
@@ -235,6 +269,17 @@ void Checkpoint::load() {
       bad(where, "in_features and out_features must be positive");
     if (m.scale_dtype != "F16" && m.scale_dtype != "BF16" && m.scale_dtype != "F32")
       bad(where, "scale_dtype must be F16, BF16 or F32, got \"" + m.scale_dtype + "\"");
+    // The same check as the Python reader (qdec.formats.qdec_checkpoint), with its
+    // message: a config.json that says bits = 9 over 3-bit tensors is refused by both.
+    const auto disagree = [&](const char* key, const std::string& layer_value, const std::string& config_value) {
+      bad(mpath, "layer '" + name + "' has " + key + "=" + layer_value + " but " + cfg_path + " says " +
+                     config_value + " for every layer");
+    };
+    if (qdec.bits && *qdec.bits != m.bits) disagree("bits", std::to_string(m.bits), std::to_string(*qdec.bits));
+    if (qdec.group_size && *qdec.group_size != m.group_size)
+      disagree("group_size", std::to_string(m.group_size), std::to_string(*qdec.group_size));
+    if (qdec.symmetric && *qdec.symmetric != m.symmetric)
+      disagree("symmetric", m.symmetric ? "True" : "False", *qdec.symmetric ? "True" : "False");
     layers.emplace(name, m);
   }
   if (lm.size() != layers.size())

@@ -50,7 +50,9 @@ generation
   --ignore-eos           do not stop at an end-of-sequence token
 compensation
   --k VALUE              channels compensated per token in every quantized linear:
-                         a count (16) or a fraction of its inputs (0.05); default 0
+                         an integer is a count (16; 1 = one channel), a number with
+                         a decimal point or exponent a fraction of its inputs in
+                         [0, 1] (0.05; 1.0 = all), as in every qdec command; default 0
   --k-for NAME=VALUE     per-layer override, NAME a projection (down_proj), a
                          suffix (mlp.down_proj, layers.3.mlp.down_proj) or a full
                          name; repeatable, later ones win

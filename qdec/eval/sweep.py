@@ -118,11 +118,16 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
     from ..quant.pipeline import quantize_model
     from .perplexity import load_text, perplexity
 
+    from ..phases import phase
+
     t_start = time.time()
-    model, tokenizer = load_gguf_llama(cfg.model)
-    ids = tokenizer(load_text(cfg.text), return_tensors="pt").input_ids[0]
-    calib = calibration_ids(tokenizer, cfg.calib_text, cfg.calib_samples, cfg.calib_len,
-                            cfg.seed)
+    with phase(f"loading {cfg.model or 'the embedded SmolLM2-135M'}", cfg.progress):
+        model, tokenizer = load_gguf_llama(cfg.model)
+    with phase(f"tokenizing {cfg.text}", cfg.progress):
+        ids = tokenizer(load_text(cfg.text), return_tensors="pt").input_ids[0]
+    with phase(f"calibration windows from {cfg.calib_text}", cfg.progress):
+        calib = calibration_ids(tokenizer, cfg.calib_text, cfg.calib_samples, cfg.calib_len,
+                                cfg.seed)
 
     def ppl(m, label: str) -> dict:
         r = perplexity(m, ids, seq_len=cfg.seq_len, max_windows=cfg.max_windows,

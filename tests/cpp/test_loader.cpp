@@ -471,7 +471,7 @@ TEST_CASE("checkpoint directory validation", "[loader][checkpoint]") {
     Mutators m;
     m.config = [](json& c) { c.erase("qdec"); };
     write_tiny_checkpoint(dir, spec, m);
-    expect_checkpoint_error(dir, Kind::BadConfig, {"config.json", "no \"qdec\" section"});
+    expect_checkpoint_error(dir, Kind::BadConfig, {"config.json", "no 'qdec' section; not a QDEC checkpoint"});
   }
   SECTION("config.json not JSON") {
     write_tiny_checkpoint(dir, spec);
@@ -495,6 +495,40 @@ TEST_CASE("checkpoint directory validation", "[loader][checkpoint]") {
     m.layer_meta = [](json& lm) { lm["model.layers.0.mlp.up_proj"]["bits"] = 9; };
     write_tiny_checkpoint(dir, spec, m);
     expect_checkpoint_error(dir, Kind::BadConfig, {"model.layers.0.mlp.up_proj", "bits must be in 2..8"});
+  }
+  SECTION("config.json qdec.bits disagrees with the layers (bits = 9 over 3-bit tensors)") {
+    Mutators m;
+    m.config = [](json& c) { c["qdec"]["bits"] = 9; };
+    write_tiny_checkpoint(dir, spec, m);
+    expect_checkpoint_error(dir, Kind::BadConfig,
+                            {"model.safetensors", "has bits=3 but", "config.json says 9 for every layer"});
+  }
+  SECTION("config.json qdec.group_size disagrees with the layers") {
+    Mutators m;
+    m.config = [](json& c) { c["qdec"]["group_size"] = 128; };
+    write_tiny_checkpoint(dir, spec, m);
+    expect_checkpoint_error(dir, Kind::BadConfig, {"has group_size=", "says 128 for every layer"});
+  }
+  SECTION("quantization_config block disagrees with the qdec section") {
+    Mutators m;
+    m.config = [](json& c) {
+      c["quantization_config"] = c["qdec"];
+      c["quantization_config"].erase("quantized_modules");
+      c["quantization_config"].erase("method");
+      c["quantization_config"]["quant_method"] = "qdec";
+      c["qdec"]["bits"] = 9;
+    };
+    write_tiny_checkpoint(dir, spec, m);
+    expect_checkpoint_error(dir, Kind::BadConfig, {"config.json", "quantization_config.bits is 3 but qdec.bits is 9"});
+  }
+  SECTION("quantization_config block that agrees opens") {
+    Mutators m;
+    m.config = [](json& c) {
+      c["quantization_config"] = c["qdec"];
+      c["quantization_config"]["quant_method"] = "qdec";
+    };
+    write_tiny_checkpoint(dir, spec, m);
+    CHECK(Checkpoint(dir).layers.size() == 7);
   }
   SECTION("residual store declared but missing") {
     write_tiny_checkpoint(dir, spec);

@@ -46,3 +46,17 @@ def test_the_cxx_standard_is_ours_not_torchs_default():
     for kind in ("cxx", "nvcc"):
         flags = torch_build_flags.build_flags(cpp_extension, kind)
         assert [f for f in flags if f.startswith("-std=")] == [setup.CXX_STD], kind
+
+
+def test_the_build_says_what_it_compiles(capsys, monkeypatch):
+    """setup.py lists the sources it is about to compile before the minutes of
+    compiling (pip install -v shows it)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import setup
+
+    monkeypatch.setenv("QDEC_USE_CUDA", "0")
+    monkeypatch.setenv("MAX_JOBS", "1")
+    (ext,) = setup.extensions()
+    err = capsys.readouterr().err
+    assert f"building qdec._C (CPU only) from {len(ext.sources)} sources with MAX_JOBS=1" in err
+    assert all(src in err for src in ext.sources)

@@ -327,6 +327,38 @@ def test_errors_are_clear(tiny, tmp_path):
     assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
 
 
+def _set_bits(block: int, section: int):
+    def mutate(cfg: dict) -> None:
+        cfg["quantization_config"]["bits"] = block
+        cfg["qdec"]["bits"] = section
+    return mutate
+
+
+@pytest.mark.parametrize("mutate", [
+    _set_bits(4, 9),  # the block and the section disagree
+    _set_bits(9, 9),  # bits = 9 everywhere over 4-bit tensors: out of range
+    _set_bits(5, 5),  # a valid width that is not the tensors'
+    lambda cfg: cfg.pop("qdec"),  # not a QDEC checkpoint
+], ids=["block-vs-section", "bits-9", "bits-5-vs-4-bit-tensors", "no-qdec-section"])
+def test_same_checkpoint_checks_as_python(tiny, tmp_path, mutate):
+    """A config.json whose bits disagree with its 4-bit tensors is refused by
+    qdec_infer with the Python reader's message, word for word."""
+    import json
+
+    from qdec.formats.qdec_checkpoint import FormatError, read_qdec_checkpoint
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    mutate(cfg)
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError) as e:
+        read_qdec_checkpoint(broken)
+    proc = run_infer("--model", str(broken), "--ids", "1", check=False)
+    assert proc.returncode == 1
+    assert str(e.value) in proc.stderr, (str(e.value), proc.stderr)
+
+
 def test_tune_config_parity(tiny, tmp_path):
     """qdec_infer --tune-config applies the k of a `qdec tune` config as
     `qdec generate --tune-config` does (configure with load_config), and

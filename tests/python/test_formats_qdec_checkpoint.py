@@ -372,3 +372,29 @@ def test_save_quantization_result(tmp_path):
     assert sorted(ck.tensors) == ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.bias"]
     assert torch.equal(ck.linears["model.layers.0.mlp.up_proj"].qweight, w.pack())
     assert torch.equal(ck.residual.layers["model.layers.0.mlp.up_proj"].residual, r)
+
+
+def test_config_bits_disagreeing_with_the_tensors(tmp_path):
+    """config.json saying bits = 9 (or 4) over 3-bit tensors is refused, naming
+    the file and the layer; qdec_infer gives the same message
+    (tests/cpp/test_loader.cpp, test_cpp_parity.py)."""
+    linears = {n: qweight(N, K, 3, G, sym, i) for i, (n, (N, K, _, G, sym)) in
+               enumerate(LAYERS.items())}
+    path, _ = build(tmp_path, linears=linears)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["qdec"]["bits"] == 3 and cfg["quantization_config"]["bits"] == 3
+    cfg["qdec"]["bits"] = 9
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"quantization_config.bits is 3 but qdec.bits is 9"):
+        read_qdec_checkpoint(path)
+    cfg["quantization_config"]["bits"] = 9
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"quantization_config.bits must be null or an int "
+                                          r"in 2..8, got 9"):
+        read_qdec_checkpoint(path)
+    cfg["qdec"]["bits"] = cfg["quantization_config"]["bits"] = 4
+    (path / "config.json").write_text(json.dumps(cfg))
+    first = next(iter(LAYERS))
+    with pytest.raises(FormatError, match=rf"model.safetensors: layer '{first}' has bits=3 but "
+                                          rf".*config.json says 4 for every layer"):
+        read_qdec_checkpoint(path)

@@ -68,6 +68,18 @@ void load_row_params(const LowBitWeight& w, int64_t n, float* scale, float* zero
   }
 }
 
+RowParams row_params(const LowBitWeight& w, int64_t n, float* scale_buf, float* zero_buf) {
+  if (w.param_type != ParamType::kFloat32) {
+    load_row_params(w, n, scale_buf, zero_buf);
+    return {scale_buf, zero_buf};
+  }
+  const int64_t off = n * w.groups;
+  const float* scale = static_cast<const float*>(w.scales) + off;
+  if (w.zeros) return {scale, static_cast<const float*>(w.zeros) + off};
+  std::fill(zero_buf, zero_buf + w.groups, static_cast<float>(1 << (w.bits - 1)));
+  return {scale, zero_buf};
+}
+
 QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, int64_t G,
                                           int64_t groups, int16_t* xq, float* span_scale,
                                           float* group_sum) {

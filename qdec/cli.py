@@ -1,5 +1,5 @@
 """The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``report``, ``generate``,
-``tune``."""
+``tune``, ``residual``."""
 
 from __future__ import annotations
 
@@ -162,6 +162,8 @@ class tempfile_dir:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a QDEC checkpoint with and without compensation; report
     tokens/s."""
+    if _foreign_format(args.checkpoint):
+        return _generate_foreign(args)
     import torch
 
     from transformers import AutoTokenizer
@@ -284,6 +286,68 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _foreign_format(path: str) -> str | None:
+    """The tool that made ``path`` (AutoAWQ / GPTQ / compressed-tensors), if any."""
+    from .formats.foreign import detect_quantized_format
+
+    return detect_quantized_format(path) if Path(path).is_dir() else None
+
+
+def _generate_foreign(args: argparse.Namespace) -> int:
+    """``qdec generate`` on an AutoAWQ / GPTQ / compressed-tensors directory: converted
+    to a temporary QDEC checkpoint (weights bit for bit, no residual store), run at
+    k = 0 only."""
+    import tempfile
+
+    from .formats.foreign import convert_without_residual
+
+    fmt = _foreign_format(args.checkpoint)
+    print(f"{args.checkpoint}: a {fmt} checkpoint without a residual store; running the "
+          f"quantized model alone (k = 0). To compensate, add a residual store from the "
+          f"original weights: qdec residual --quantized {args.checkpoint} --reference "
+          f"<original HF model dir> --out <dir>, then qdec generate <dir>", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="qdec-generate-") as tmp:
+        converted = Path(tmp) / "qdec"
+        convert_without_residual(args.checkpoint, converted)
+        return cmd_generate(argparse.Namespace(**{**vars(args), "checkpoint": str(converted),
+                                                  "k": 0.0, "tune_config": None}))
+
+
+def cmd_residual(args: argparse.Namespace) -> int:
+    """Add a residual store to a quantized checkpoint made by another tool: the
+    quantized weights are kept bit for bit, R = W - W_hat from the original model."""
+    from tqdm import tqdm
+
+    from .formats.foreign import residual_checkpoint
+
+    out = residual_checkpoint(
+        args.quantized, args.reference, args.out, residual_bits=args.residual_bits,
+        overwrite=args.overwrite,
+        progress=lambda names: tqdm(names, desc="residual", unit="layer",
+                                    disable=args.no_progress))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_residual_parser(sub) -> None:
+    p = sub.add_parser(
+        "residual",
+        help="residual store for an AutoAWQ, GPTQ or compressed-tensors checkpoint, from "
+             "the original model; writes a QDEC checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quantized", required=True,
+                   help="AutoAWQ (gemm), GPTQ or compressed-tensors (pack-quantized) directory")
+    p.add_argument("--reference", required=True,
+                   help="the original (unquantized) model: Hugging Face directory with "
+                        "safetensors, in the quantized model's basis (see README)")
+    p.add_argument("--out", required=True, help="output QDEC checkpoint directory")
+    p.add_argument("--residual-bits", type=int, default=4, choices=range(2, 9),
+                   metavar="{2..8}", help="bits per residual code")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_residual)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qdec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="output prefix: writes PREFIX.md, PREFIX.png, PREFIX_costs.png")
     p.set_defaults(func=cmd_report)
 
+    _add_residual_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

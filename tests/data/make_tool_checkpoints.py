@@ -134,7 +134,7 @@ def make_autoawq() -> None:
                                                device_map="cpu")
     cfg = {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"}
     model.quantize(tok, quant_config=cfg, calib_data=CALIB, max_calib_samples=len(CALIB),
-                   max_calib_seq_len=64, n_parallel_calib_samples=None)
+                   max_calib_seq_len=128, n_parallel_calib_samples=None)
     if out.exists():
         shutil.rmtree(out)
     model.save_quantized(str(out))
@@ -195,15 +195,21 @@ def make_llmcompressor() -> None:
     ds = ds.map(lambda r: tok(r["text"]), remove_columns=["text"])
     scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int",
               "symmetric": False, "strategy": "group", "group_size": 64}}
+    only = os.environ.get("QDEC_LLMC_ONLY")  # regenerate one variant
     for label, make_recipe in (
             ("gptq", lambda: GPTQModifier(config_groups={"group_0": scheme},
                                           ignore=["lm_head"])),
-            ("gptq-sym-act", lambda: GPTQModifier(
+            # actorder="group" (g_idx) is refused by llm-compressor 0.14; "weight"
+            # reorders during GPTQ only, so the file has no g_idx.
+            ("gptq-w8-sym-channel", lambda: GPTQModifier(
                 config_groups={"group_0": {**scheme, "weights": {
-                    **scheme["weights"], "symmetric": True, "actorder": "group"}}},
+                    "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
+                    "actorder": "weight"}}},
                 ignore=["lm_head"])),
             ("awq", lambda: AWQModifier(config_groups={"group_0": scheme},
                                         ignore=["lm_head"]))):
+        if only and label != only:
+            continue
         out = HERE / f"llmcompressor-w4a16-{label}"
         model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float16)
         try:

@@ -20,7 +20,6 @@ weights adds an error the residual store would not see.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +29,6 @@ from torch import Tensor
 
 from .qdec_checkpoint import ImportedCheckpoint, PackedWeight, write_qdec_checkpoint
 from .safetensors_io import FormatError, load_state_dict_dir, read_json
-
-log = logging.getLogger(__name__)
 
 # Files besides the weights that travel from the quantized directory to the QDEC one
 # (tokenizer and generation settings), copied verbatim when present.
@@ -77,11 +74,6 @@ def read_quantized_checkpoint(directory: str | os.PathLike) -> ImportedCheckpoin
     if fmt == "gptq":
         from .gptq import read_gptq_checkpoint
 
-        cfg = Path(os.fspath(directory)) / "config.json"
-        qc = read_json(cfg, "config").get("quantization_config", {}) if cfg.is_file() else {}
-        if isinstance(qc, dict) and "checkpoint_format" not in qc:
-            log.warning("%s: the GPTQ config has no checkpoint_format; reading zero points "
-                        "as v1 (AutoGPTQ's 'gptq': stored z - 1)", directory)
         return read_gptq_checkpoint(directory)
     if fmt == "compressed-tensors":
         from .compressed_tensors import read_compressed_tensors_checkpoint
@@ -152,7 +144,7 @@ def residual_checkpoint(
         ref = ref.float()
         if w.input_permutation is not None:
             ref = ref[:, w.input_permutation]
-        w_hat = w.to_quantized_weight().dequantize(torch.float32)
+        w_hat = w.to_quantized_weight().dequantize().float()  # as the kernels: in scale dtype
         folded = folded_scaling(w_hat, ref)
         if folded is not None:
             raise FormatError(

@@ -58,6 +58,7 @@ float copies of the integer zero points; a layer whose every zero is
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ ZERO_CONVENTIONS = ("v1", "v2")
 # checkpoint_format -> zero convention.
 CHECKPOINT_FORMATS = {"gptq": "v1", "gptq_v2": "v2"}
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
+
+log = logging.getLogger(__name__)
 
 
 def _check_gptq_bits(bits: object, where: str = "") -> int:
@@ -416,6 +419,9 @@ def read_gptq_checkpoint(
                           f"config.json quantization_config); pass bits= and group_size=")
     _check_gptq_bits(bits, str(directory))
     convention = resolve_zero_convention(config, zero_convention, cfg_source)
+    if config is not None and config.checkpoint_format is None and zero_convention is None:
+        log.warning("%s: the GPTQ config has no checkpoint_format; reading zero points as v1 "
+                    "(AutoGPTQ's 'gptq': stored z - 1), as every GPTQ loader does", cfg_source)
 
     state = load_state_dict_dir(directory, allow_pickle=allow_pickle)
     names = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))

@@ -50,6 +50,8 @@ CALIB = [
     "Numbers like 3.14159 and 2.71828 appear everywhere in science and engineering.",
     "The committee met on Tuesday to decide the budget for the next fiscal year.",
 ] * 4
+# A plain chat template (the messages' text, then the generation prompt).
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 EVAL_TEXT = "The tower was built in Paris for the fair."
 
 
@@ -115,6 +117,7 @@ def make_base() -> None:
     tcfg_path = BASE / "tokenizer_config.json"
     tcfg = json.loads(tcfg_path.read_text())
     tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tcfg["chat_template"] = CHAT_TEMPLATE  # for qdec generate's chat prompt
     tcfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
     ids = _input_ids(fast)
     with torch.no_grad():
@@ -123,33 +126,46 @@ def make_base() -> None:
 
 
 def make_autoawq() -> None:
-    """AutoAWQ GEMM 4-bit g64, zero point."""
+    """AutoAWQ GEMM 4-bit g64, zero point; and the same run with
+    ``export_compatible=True`` (scales and clipping applied, weights left in fp16): the
+    reference in the quantized model's basis that ``qdec residual`` needs."""
+    import awq.modules.linear.gemm as awq_gemm
     from awq import AutoAWQForCausalLM
     from awq.utils.packing_utils import dequantize_gemm
     from transformers import AutoTokenizer
 
-    out = HERE / "autoawq-gemm-w4g64"
+    # With triton importable, WQLinear_GEMM takes its triton path even on CPU (and
+    # fails on torch.cuda); without it, the torch fallback (dequantize_gemm, matmul).
+    awq_gemm.TRITON_AVAILABLE = False
     tok = AutoTokenizer.from_pretrained(BASE)
-    model = AutoAWQForCausalLM.from_pretrained(str(BASE), torch_dtype=torch.float16,
-                                               device_map="cpu")
     cfg = {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"}
-    model.quantize(tok, quant_config=cfg, calib_data=CALIB, max_calib_samples=len(CALIB),
-                   max_calib_seq_len=128, n_parallel_calib_samples=None)
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_quantized(str(out))
-    qmodel = AutoAWQForCausalLM.from_quantized(str(out), device_map="cpu",
-                                               torch_dtype=torch.float16, fuse_layers=False)
-    weights = {}
-    for name, mod in qmodel.model.named_modules():
-        if hasattr(mod, "qweight") and hasattr(mod, "qzeros"):
-            weights[name] = dequantize_gemm(mod.qweight, mod.qzeros, mod.scales, mod.w_bit,
-                                            mod.group_size).t()
-    ids = _input_ids(tok)
-    with torch.no_grad():
-        logits = qmodel.model(ids).logits[0]
-    _save_expected(out, logits, ids, weights,
-                   _versions("autoawq", "torch", "transformers"))
+    for export_compatible in (True, False):
+        out = HERE / ("autoawq-gemm-w4g64" + ("-reference" if export_compatible else ""))
+        model = AutoAWQForCausalLM.from_pretrained(str(BASE), torch_dtype=torch.float16,
+                                                   device_map="cpu")
+        # Char-level tokens: the calibration lines are ~80 tokens; AutoAWQ drops
+        # lines longer than max_calib_seq_len.
+        model.quantize(tok, quant_config=cfg, calib_data=CALIB, max_calib_samples=len(CALIB),
+                       max_calib_seq_len=128, n_parallel_calib_samples=None,
+                       export_compatible=export_compatible)
+        if out.exists():
+            shutil.rmtree(out)
+        model.save_quantized(str(out))
+        tok.save_pretrained(str(out))
+        if export_compatible:
+            continue
+        # from_quantized on CPU insists on the 'ipex' kernel (intel_extension_for_
+        # pytorch); the model quantized in memory holds the same WQLinear_GEMM modules.
+        weights = {}
+        for name, mod in model.model.named_modules():
+            if hasattr(mod, "qweight") and hasattr(mod, "qzeros"):
+                weights[name] = dequantize_gemm(mod.qweight, mod.qzeros, mod.scales, mod.w_bit,
+                                                mod.group_size).t()
+        ids = _input_ids(tok)
+        with torch.no_grad():
+            logits = model.model(ids).logits[0]
+        _save_expected(out, logits, ids, weights,
+                       _versions("autoawq", "torch", "transformers"))
 
 
 def make_gptqmodel() -> None:

@@ -1,0 +1,255 @@
+"""Checkpoints written by the real quantization tools (tests/data/tools/, made by
+tests/data/make_tool_checkpoints.py): the readers reproduce each tool's own
+dequantized weights and forward logits, and ``qdec residual`` turns them into QDEC
+checkpoints (issue 17). The tools themselves are not needed here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qdec.cli import main as qdec_main
+from qdec.formats import FormatError, save_safetensors
+from qdec.formats.compressed_tensors import parse_compressed_tensors_config
+from qdec.formats.foreign import (
+    detect_quantized_format,
+    folded_scaling,
+    read_quantized_checkpoint,
+    residual_checkpoint,
+)
+from qdec.patch import configure, load_patched_checkpoint
+
+TOOLS = Path(__file__).resolve().parents[1] / "data" / "tools"
+REFERENCE = TOOLS / "tiny-llama"
+TOOL_DIRS = sorted(p.name for p in TOOLS.iterdir()
+                   if p.is_dir() and p.name != "tiny-llama" and (p / "expected.safetensors").is_file())
+# Weight-only tools whose quantized weights are in the reference's basis (AWQ folds
+# its scales into the weights; its checkpoints are tested for the refusal instead).
+UNSCALED = [d for d in TOOL_DIRS if "awq" not in d]
+FOLDED = [d for d in TOOL_DIRS if "awq" in d]
+# The tools run their model in float16, the project's patched model in float32:
+# logits agree to float16 rounding of the activations (seen <= 1.1e-3).
+LOGIT_ATOL = 5e-3
+
+
+def expected(tool: str) -> dict[str, torch.Tensor]:
+    return load_file(str(TOOLS / tool / "expected.safetensors"))
+
+
+def test_tool_checkpoints_present():
+    assert "llmcompressor-w4a16-gptq" in TOOL_DIRS
+    assert REFERENCE.is_dir()
+
+
+@pytest.mark.parametrize("tool", TOOL_DIRS)
+def test_reader_reproduces_tool_weights_exactly(tool):
+    ckpt = read_quantized_checkpoint(TOOLS / tool)
+    exp = expected(tool)
+    names = [k[: -len(".weight")] for k in exp if k.endswith(".weight")]
+    assert sorted(names) == sorted(ckpt.linears)
+    for name in names:
+        w = ckpt.linears[name]
+        ours = w.to_quantized_weight().dequantize().float()
+        theirs = exp[f"{name}.weight"]
+        if w.input_permutation is not None:
+            theirs = theirs[:, w.input_permutation]
+        assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("tool", TOOL_DIRS)
+def test_k0_logits_equal_the_tools_model(tool, tmp_path):
+    out = tmp_path / "qdec"
+    read_quantized_checkpoint(TOOLS / tool).write(out)
+    exp = expected(tool)
+    model = load_patched_checkpoint(str(out))
+    with torch.no_grad():
+        logits = model(exp["input_ids"]).logits[0]
+    assert (logits - exp["logits"]).abs().max().item() <= LOGIT_ATOL
+
+
+def dense_logits(tool_ckpt_dir: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor):
+    """Logits of the reference architecture with the given linear weights (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE, dtype=torch.float32).eval()
+    ckpt = read_quantized_checkpoint(tool_ckpt_dir)
+    state = {k: v.float() for k, v in ckpt.tensors.items()}
+    state.update({f"{n}.weight": w for n, w in weights.items()})
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return model(ids).logits[0]
+
+
+@pytest.mark.parametrize("tool", UNSCALED)
+def test_residual_command_k_full_and_k0(tool, tmp_path):
+    """k = K equals the model with W_hat + R_hat (the residual's own quantization
+    error is all that is left), and is closer to the original model than k = 0,
+    which equals the tool's own model."""
+    from qdec.formats import read_qdec_checkpoint
+    from qdec.quant.residual import dequantize_residual
+    from qdec.packing import unpack_codes
+
+    out = tmp_path / "qdec"
+    assert qdec_main(["residual", "--quantized", str(TOOLS / tool), "--reference",
+                      str(REFERENCE), "--out", str(out), "--no-progress"]) == 0
+    exp = expected(tool)
+    ids = exp["input_ids"]
+    model = load_patched_checkpoint(str(out))
+    with torch.no_grad():
+        k0 = model(ids).logits[0]
+        configure(model, k=1.0)
+        kfull = model(ids).logits[0]
+    assert (k0 - exp["logits"]).abs().max().item() <= LOGIT_ATOL
+
+    ckpt = read_qdec_checkpoint(out)
+    rb = ckpt.residual.residual_bits
+    weights = {}
+    for name, w in ckpt.linears.items():
+        r = ckpt.residual.layers[name]
+        N, K = w.out_features, w.in_features
+        codes = unpack_codes(r.residual, rb, N).t().to(torch.int16) - (1 << (rb - 1))
+        full = w.to_quantized_weight().dequantize().float() + dequantize_residual(
+            codes, r.scales)
+        if w.input_permutation is not None:  # back to the file's channel order
+            unperm = torch.empty_like(full)
+            unperm[:, w.input_permutation] = full
+            full = unperm
+        weights[name] = full
+    compensated = dense_logits(TOOLS / tool, weights, ids)
+    assert (kfull - compensated.to(kfull.dtype)).abs().max().item() <= LOGIT_ATOL
+
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(REFERENCE, dtype=torch.float32).eval()
+    with torch.no_grad():
+        original = ref(ids).logits[0]
+    assert (kfull - original).abs().max() < (k0 - original).abs().max()
+
+
+@pytest.mark.parametrize("tool", FOLDED)
+def test_residual_refuses_folded_awq_scales(tool, tmp_path):
+    out = tmp_path / "qdec"
+    with pytest.raises(FormatError, match=r"per-(input-channel|output-row) factor.*folded "
+                                          r"scales \(AWQ\)"):
+        residual_checkpoint(TOOLS / tool, REFERENCE, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_folded_scaling_detection():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    noise = torch.randn(64, 128, generator=g) * 0.05
+    assert folded_scaling(w + noise, w) is None
+    s = torch.exp(torch.randn(128, generator=g) * 0.5)
+    assert folded_scaling(w * s + noise, w) == "input-channel"
+    r = torch.exp(torch.randn(64, 1, generator=g) * 0.5)
+    assert folded_scaling(w * r + noise, w) == "output-row"
+    assert folded_scaling(w, w) is None
+
+
+def copy_reference(tmp_path: Path, drop: str | None = None, reshape: str | None = None) -> Path:
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    state = {k: v.clone() for k, v in load_file(str(REFERENCE / "model.safetensors")).items()}
+    if drop:
+        del state[drop]
+    if reshape:
+        state[reshape] = state[reshape][:, :-32].contiguous()
+    save_safetensors(state, ref / "model.safetensors", {"format": "pt"})
+    shutil.copy(REFERENCE / "config.json", ref / "config.json")
+    return ref
+
+
+def test_residual_missing_reference_tensor_names_it(tmp_path):
+    tool = TOOLS / "llmcompressor-w4a16-gptq"
+    ref = copy_reference(tmp_path, drop="model.layers.1.mlp.up_proj.weight")
+    out = tmp_path / "out"
+    with pytest.raises(FormatError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' "
+                                          r"missing"):
+        residual_checkpoint(tool, ref, out)
+    assert not out.exists()
+
+
+def test_residual_wrong_reference_shape_names_it(tmp_path, capsys):
+    tool = TOOLS / "llmcompressor-w4a16-gptq"
+    ref = copy_reference(tmp_path, reshape="model.layers.0.self_attn.q_proj.weight")
+    out = tmp_path / "out"
+    rc = qdec_main(["residual", "--quantized", str(tool), "--reference", str(ref), "--out",
+                    str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "'model.layers.0.self_attn.q_proj.weight' is torch.float16 [128, 96]" in err
+    assert "expected a float [128, 128]" in err
+    assert not out.exists()
+
+
+def test_residual_refuses_a_float_model_and_existing_out(tmp_path):
+    with pytest.raises(FormatError, match=r"no AutoAWQ .* GPTQ .* compressed-tensors"):
+        residual_checkpoint(REFERENCE, REFERENCE, tmp_path / "out")
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(FileExistsError):
+        residual_checkpoint(TOOLS / "llmcompressor-w4a16-gptq", REFERENCE, out)
+    assert list(out.iterdir()) == []
+
+
+def test_detect_quantized_format():
+    for tool in TOOL_DIRS:
+        fmt = detect_quantized_format(TOOLS / tool)
+        assert fmt == ("autoawq" if tool.startswith("autoawq") else
+                       "gptq" if tool.startswith("gptq") else "compressed-tensors")
+    assert detect_quantized_format(REFERENCE) is None
+
+
+def test_compressed_tensors_config_errors():
+    base = json.loads((TOOLS / "llmcompressor-w4a16-gptq" / "config.json").read_text())
+    qc = base["quantization_config"]
+    parse_compressed_tensors_config(qc)
+
+    def bad(change, pattern):
+        cfg = json.loads(json.dumps(qc))
+        change(cfg)
+        with pytest.raises(FormatError, match=pattern):
+            parse_compressed_tensors_config(cfg, "x/config.json")
+
+    bad(lambda c: c.update(format="marlin-24"), r"x/config\.json: format 'marlin-24'")
+    bad(lambda c: c.update(quant_method="gptq"), r"quant_method is 'gptq'")
+    bad(lambda c: c["config_groups"]["group_0"].update(
+        input_activations={"num_bits": 8, "type": "int", "strategy": "token",
+                           "dynamic": True}), r"group 'group_0' quantizes activations")
+    bad(lambda c: c["config_groups"]["group_0"]["weights"].update(num_bits=5),
+        r"num_bits 5 is not supported")
+    bad(lambda c: c["config_groups"]["group_0"]["weights"].update(
+        strategy="tensor", group_size=None), r"strategy 'tensor' is not supported")
+
+
+def test_compressed_tensors_tensor_errors(tmp_path):
+    src = TOOLS / "llmcompressor-w4a16-gptq"
+    d = tmp_path / "ct"
+    shutil.copytree(src, d)
+    state = {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
+    name = "model.layers.0.mlp.gate_proj"
+    del state[f"{name}.weight_zero_point"]
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+    with pytest.raises(FormatError, match=rf"tensor {name}\.weight_zero_point missing"):
+        read_quantized_checkpoint(d)
+    state[f"{name}.weight_zero_point"] = torch.zeros(4, 1, dtype=torch.int32)
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+    with pytest.raises(FormatError, match=rf"{name}\.weight_zero_point is torch\.int32 \[4, 1\]"
+                                          rf"; expected int32 \[32, 2\]"):
+        read_quantized_checkpoint(d)
+
+
+def test_generate_runs_a_tool_directory_at_k0(capsys):
+    rc = qdec_main(["generate", str(TOOLS / "llmcompressor-w4a16-gptq"), "--prompt", "The",
+                    "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "without a residual store" in captured.err and "qdec residual --quantized" in \
+        captured.err
+    assert "--- k = 0.0%" in captured.out and "--- k = 2.0%" not in captured.out

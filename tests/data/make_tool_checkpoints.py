@@ -153,6 +153,12 @@ def make_autoawq() -> None:
         model.save_quantized(str(out))
         tok.save_pretrained(str(out))
         if export_compatible:
+            # Float weights: the AWQ quantization_config save_quantized wrote would
+            # make loaders treat the directory as packed.
+            cfg_path = out / "config.json"
+            hf = json.loads(cfg_path.read_text())
+            hf.pop("quantization_config", None)
+            cfg_path.write_text(json.dumps(hf, indent=2) + "\n")
             continue
         # from_quantized on CPU insists on the 'ipex' kernel (intel_extension_for_
         # pytorch); the model quantized in memory holds the same WQLinear_GEMM modules.
@@ -257,6 +263,8 @@ STEPS = {"base": make_base, "autoawq": make_autoawq, "gptqmodel": make_gptqmodel
          "llmcompressor": make_llmcompressor}
 
 if __name__ == "__main__":
+    # GPTQModel's loader pool wants 2 CPU workers; its default is half the cores.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     if len(sys.argv) != 2 or sys.argv[1] not in STEPS:
         sys.exit(f"usage: {sys.argv[0]} {{{','.join(STEPS)}}}")
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -28,10 +28,15 @@ TOOLS = Path(__file__).resolve().parents[1] / "data" / "tools"
 REFERENCE = TOOLS / "tiny-llama"
 TOOL_DIRS = sorted(p.name for p in TOOLS.iterdir()
                    if p.is_dir() and p.name != "tiny-llama" and (p / "expected.safetensors").is_file())
-# Weight-only tools whose quantized weights are in the reference's basis (AWQ folds
-# its scales into the weights; its checkpoints are tested for the refusal instead).
-UNSCALED = [d for d in TOOL_DIRS if "awq" not in d]
+# The original model in each checkpoint's basis: AWQ folds its scales into the
+# weights (and clips them), so its reference is AutoAWQ's export_compatible=True
+# export of the same run; the others are in the tiny model's own basis.
 FOLDED = [d for d in TOOL_DIRS if "awq" in d]
+
+
+def reference_for(tool: str) -> Path:
+    scaled = TOOLS / f"{tool}-reference"
+    return scaled if tool in FOLDED else REFERENCE
 # The tools run their model in float16, the project's patched model in float32:
 # logits agree to float16 rounding of the activations (seen <= 1.1e-3).
 LOGIT_ATOL = 5e-3
@@ -42,8 +47,8 @@ def expected(tool: str) -> dict[str, torch.Tensor]:
 
 
 def test_tool_checkpoints_present():
-    assert "llmcompressor-w4a16-gptq" in TOOL_DIRS
-    assert REFERENCE.is_dir()
+    assert {"llmcompressor-w4a16-gptq", "autoawq-gemm-w4g64"} <= set(TOOL_DIRS)
+    assert REFERENCE.is_dir() and all(reference_for(t).is_dir() for t in TOOL_DIRS)
 
 
 @pytest.mark.parametrize("tool", TOOL_DIRS)
@@ -85,7 +90,7 @@ def dense_logits(tool_ckpt_dir: Path, weights: dict[str, torch.Tensor], ids: tor
         return model(ids).logits[0]
 
 
-@pytest.mark.parametrize("tool", UNSCALED)
+@pytest.mark.parametrize("tool", TOOL_DIRS)
 def test_residual_command_k_full_and_k0(tool, tmp_path):
     """k = K equals the model with W_hat + R_hat (the residual's own quantization
     error is all that is left), and is closer to the original model than k = 0,
@@ -96,7 +101,7 @@ def test_residual_command_k_full_and_k0(tool, tmp_path):
 
     out = tmp_path / "qdec"
     assert qdec_main(["residual", "--quantized", str(TOOLS / tool), "--reference",
-                      str(REFERENCE), "--out", str(out), "--no-progress"]) == 0
+                      str(reference_for(tool)), "--out", str(out), "--no-progress"]) == 0
     exp = expected(tool)
     ids = exp["input_ids"]
     model = load_patched_checkpoint(str(out))
@@ -125,7 +130,8 @@ def test_residual_command_k_full_and_k0(tool, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(REFERENCE, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(reference_for(tool),
+                                               dtype=torch.float32).eval()
     with torch.no_grad():
         original = ref(ids).logits[0]
     assert (kfull - original).abs().max() < (k0 - original).abs().max()

@@ -203,6 +203,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.model and _foreign_format(args.model):
+        return _eval_foreign(args)
     from .eval.sweep import EvalConfig, plot_results, run_eval
 
     cfg = EvalConfig(
@@ -290,7 +292,8 @@ def _foreign_format(path: str) -> str | None:
     """The tool that made ``path`` (AutoAWQ / GPTQ / compressed-tensors), if any."""
     from .formats.foreign import detect_quantized_format
 
-    return detect_quantized_format(path) if Path(path).is_dir() else None
+    fmt = detect_quantized_format(path) if Path(path).is_dir() else None
+    return {"autoawq": "AutoAWQ", "gptq": "GPTQ"}.get(fmt, fmt)
 
 
 def _generate_foreign(args: argparse.Namespace) -> int:
@@ -302,7 +305,7 @@ def _generate_foreign(args: argparse.Namespace) -> int:
     from .formats.foreign import convert_without_residual
 
     fmt = _foreign_format(args.checkpoint)
-    print(f"{args.checkpoint}: a {fmt} checkpoint without a residual store; running the "
+    print(f"{args.checkpoint}: {fmt} checkpoint, no residual store; running the "
           f"quantized model alone (k = 0). To compensate, add a residual store from the "
           f"original weights: qdec residual --quantized {args.checkpoint} --reference "
           f"<original HF model dir> --out <dir>, then qdec generate <dir>", file=sys.stderr)
@@ -311,6 +314,44 @@ def _generate_foreign(args: argparse.Namespace) -> int:
         convert_without_residual(args.checkpoint, converted)
         return cmd_generate(argparse.Namespace(**{**vars(args), "checkpoint": str(converted),
                                                   "k": 0.0, "tune_config": None}))
+
+
+def _eval_foreign(args: argparse.Namespace) -> int:
+    """``qdec eval --model DIR`` on an AutoAWQ / GPTQ / compressed-tensors directory:
+    the perplexity of the quantized model itself (k = 0; no reference, no variants),
+    written as JSON to ``--out``."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from .eval.perplexity import load_text, perplexity
+    from .eval.sweep import environment, write_json
+    from .formats.foreign import convert_without_residual
+    from .patch import load_patched_checkpoint
+
+    fmt = _foreign_format(args.model)
+    print(f"{args.model}: {fmt} checkpoint, no residual store; scoring the "
+          f"quantized model alone (k = 0). To evaluate QDEC on it, add a residual store "
+          f"from the original weights: qdec residual --quantized {args.model} --reference "
+          f"<original HF model dir> --out <dir>", file=sys.stderr)
+    text = Path(args.text)
+    if not text.is_file():
+        raise FileNotFoundError(f"--text {text}: text file not found")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    ids = tokenizer(load_text(text), return_tensors="pt").input_ids[0]
+    with tempfile.TemporaryDirectory(prefix="qdec-eval-") as tmp:
+        converted = Path(tmp) / "qdec"
+        convert_without_residual(args.model, converted)
+        model = load_patched_checkpoint(str(converted))
+        r = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.max_windows,
+                       progress=not args.no_progress, desc=f"{fmt} k=0")
+    result = {"model": str(args.model), "format": fmt, "environment": environment(),
+              "text": str(text), "quantized": {k: r[k] for k in
+                                               ("ppl", "nll", "tokens", "windows", "seconds")}}
+    write_json(result, Path(args.out))
+    print(f"{fmt} quantized perplexity {r['ppl']:.3f} ({r['tokens']} tokens scored); "
+          f"results: {args.out}")
+    return 0
 
 
 def cmd_residual(args: argparse.Namespace) -> int:

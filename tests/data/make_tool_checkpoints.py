@@ -180,7 +180,8 @@ def make_gptqmodel() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(BASE)
-    calib = [tok(t) for t in CALIB]
+    calib = [{"input_ids": tok(t).input_ids, "attention_mask": [1] * len(tok(t).input_ids)}
+             for t in CALIB]
     for bits in (4, 3):
         for desc_act in (False, True):
             out = HERE / f"gptqmodel-w{bits}g64{'-act' if desc_act else ''}"

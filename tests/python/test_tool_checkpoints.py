@@ -256,6 +256,51 @@ def test_generate_runs_a_tool_directory_at_k0(capsys):
                     "--max-new-tokens", "4"])
     captured = capsys.readouterr()
     assert rc == 0
-    assert "without a residual store" in captured.err and "qdec residual --quantized" in \
-        captured.err
+    assert "compressed-tensors checkpoint, no residual store" in captured.err
+    assert "qdec residual --quantized" in captured.err
     assert "--- k = 0.0%" in captured.out and "--- k = 2.0%" not in captured.out
+
+
+def test_eval_scores_a_tool_directory_at_k0(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    out = tmp_path / "eval.json"
+    tool = TOOLS / "autoawq-gemm-w4g64"
+    rc = qdec_main(["eval", "--model", str(tool), "--text", str(text), "--seq-len", "32",
+                    "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "AutoAWQ checkpoint, no residual store" in captured.err
+    result = json.loads(out.read_text())
+    assert result["format"] == "AutoAWQ" and result["quantized"]["windows"] == 5
+    assert result["quantized"]["tokens"] == 5 * 31
+    assert f"({result['quantized']['tokens']} tokens scored)" in captured.out
+    # The same number as scoring the tool's checkpoint converted by hand.
+    from transformers import AutoTokenizer
+
+    from qdec.eval.perplexity import perplexity
+
+    conv = tmp_path / "conv"
+    read_quantized_checkpoint(tool).write(conv)
+    ids = AutoTokenizer.from_pretrained(tool)(text.read_text(), return_tensors="pt").input_ids[0]
+    r = perplexity(load_patched_checkpoint(str(conv)), ids, seq_len=32, progress=False)
+    assert r["ppl"] == pytest.approx(result["quantized"]["ppl"], rel=1e-9)
+
+
+def test_gptq_without_checkpoint_format_is_read_as_v1_and_logged(tmp_path, caplog):
+    from qdec.formats import write_gptq_checkpoint
+    from qdec.quant.grid import QuantizedWeight
+
+    g = torch.Generator().manual_seed(0)
+    w = QuantizedWeight(torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8),
+                        torch.rand(32, 1, generator=g).half() + 0.5,
+                        torch.randint(1, 16, (32, 1), generator=g).half(), 4, -1, 64)
+    d = tmp_path / "gptq"
+    write_gptq_checkpoint(d, {"l": w}, {}, {}, zero_convention="v1")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["quantization_config"]["checkpoint_format"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING", logger="qdec.formats.gptq"):
+        ckpt = read_quantized_checkpoint(d)
+    assert "no checkpoint_format; reading zero points as v1" in caplog.text
+    assert torch.equal(ckpt.linears["l"].to_quantized_weight().dequantize(), w.dequantize())

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -213,6 +214,12 @@ def make_llmcompressor() -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
+    if not torch.cuda.is_available():
+        # The AWQ modifier pins its cached activations for faster host-to-device
+        # copies; pin_memory needs an accelerator. On CPU there is nothing to copy.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     tok = AutoTokenizer.from_pretrained(BASE)
     ds = Dataset.from_dict({"text": CALIB})
     ds = ds.map(lambda r: tok(r["text"]), remove_columns=["text"])
@@ -240,6 +247,7 @@ def make_llmcompressor() -> None:
                     max_seq_length=64, num_calibration_samples=len(CALIB))
         except Exception as e:  # noqa: BLE001 - recorded, the other variants still run
             print(f"llmcompressor {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc()
             continue
         if out.exists():
             shutil.rmtree(out)

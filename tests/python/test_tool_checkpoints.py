@@ -308,3 +308,91 @@ def test_gptq_without_checkpoint_format_is_read_as_v1_and_logged(tmp_path, caplo
         ckpt = read_quantized_checkpoint(d)
     assert "no checkpoint_format; reading zero points as v1" in caplog.text
     assert torch.equal(ckpt.linears["l"].to_quantized_weight().dequantize(), w.dequantize())
+
+
+def test_compressed_tensors_g_idx_becomes_an_input_permutation(tmp_path):
+    """An act-order layer (weight_g_idx, which llm-compressor 0.14 no longer writes)
+    made from a tool layer by shuffling its input channels: the reader sorts them
+    back into contiguous groups and returns the permutation."""
+    from compressed_tensors.compressors.pack_quantized.helpers import (
+        pack_to_int32,
+        unpack_from_int32,
+    )
+
+    src = TOOLS / "llmcompressor-w4a16-gptq"
+    d = tmp_path / "ct"
+    shutil.copytree(src, d)
+    state = {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
+    name = "model.layers.1.mlp.down_proj"
+    N, K = state[f"{name}.weight_shape"].tolist()
+    G = 64
+    signed = unpack_from_int32(state[f"{name}.weight_packed"], 4, torch.Size([N, K]))
+    pi = torch.randperm(K, generator=torch.Generator().manual_seed(0))
+    state[f"{name}.weight_packed"] = pack_to_int32(signed[:, pi].contiguous(), 4)
+    state[f"{name}.weight_g_idx"] = (pi // G).to(torch.int32)
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+
+    original = read_quantized_checkpoint(src).linears[name].to_quantized_weight().dequantize()
+    layer = read_quantized_checkpoint(d).linears[name]
+    perm = layer.input_permutation
+    assert perm is not None and torch.equal(perm, torch.sort(pi // G, stable=True).indices)
+    # Column j of the converted weight is file column perm[j], i.e. original column
+    # pi[perm[j]].
+    assert torch.equal(layer.to_quantized_weight().dequantize(), original[:, pi[perm]])
+
+    state[f"{name}.weight_g_idx"] = torch.zeros(K, dtype=torch.int32)
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+    with pytest.raises(FormatError, match=rf"tensor {name}\.weight_g_idx puts {K} channels in "
+                                          rf"group 0"):
+        read_quantized_checkpoint(d)
+
+
+def test_bias_of_quantized_linears_is_kept(tmp_path):
+    """A checkpoint whose quantized linears have biases (mlp_bias=True): the QDEC
+    checkpoint written by qdec residual stores them and the patched model adds them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = TOOLS / "llmcompressor-w4a16-gptq"
+    d = tmp_path / "ct"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["mlp_bias"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    state = {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
+    g = torch.Generator().manual_seed(1)
+    biases = {}
+    for layer in range(2):
+        for proj, n in (("gate_proj", 256), ("up_proj", 256), ("down_proj", 128)):
+            biases[f"model.layers.{layer}.mlp.{proj}.bias"] = (
+                torch.randn(n, generator=g) * 0.1).half()
+    state.update(biases)
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+    ref = copy_reference(tmp_path)
+    ref_state = {k: v.clone() for k, v in load_file(str(ref / "model.safetensors")).items()}
+    ref_state.update(biases)
+    save_safetensors(ref_state, ref / "model.safetensors", {"format": "pt"}, overwrite=True)
+
+    out = tmp_path / "qdec"
+    residual_checkpoint(d, ref, out)
+    stored = load_file(str(out / "model.safetensors"))
+    for k, b in biases.items():
+        assert torch.equal(stored[k], b), k
+    ids = expected("llmcompressor-w4a16-gptq")["input_ids"]
+    patched = load_patched_checkpoint(str(out))
+    with torch.no_grad():
+        k0 = patched(ids).logits[0]
+
+    ckpt = read_quantized_checkpoint(d)
+    dense = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d)).float().eval()
+    full = {k: v.float() for k, v in ckpt.tensors.items()}
+    full.update({f"{n}.weight": w.to_quantized_weight().dequantize().float()
+                 for n, w in ckpt.linears.items()})
+    missing, unexpected = dense.load_state_dict(full, strict=False)
+    assert not unexpected and all(m.endswith("rotary_emb.inv_freq") for m in missing)
+    with torch.no_grad():
+        want = dense(ids).logits[0]
+    assert (k0.float() - want).abs().max().item() <= LOGIT_ATOL
+    # Without the biases the output would be far off: they are really applied.
+    assert (k0.float() - dense_logits(src, {n: w.to_quantized_weight().dequantize().float()
+                                            for n, w in ckpt.linears.items()}, ids)
+            ).abs().max().item() > 10 * LOGIT_ATOL

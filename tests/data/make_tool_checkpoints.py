@@ -19,8 +19,9 @@ Output, under ``tests/data/tools/``:
   character-level tokenizer, 2 decoder layers, hidden 128, MLP 256.
 * ``<tool>-<variant>/``: the tool's checkpoint directory as it saved it, plus
   ``expected.safetensors`` with the tool's own view of it: ``logits`` of its own
-  quantized model on ``input_ids`` (also stored) and ``<linear>.weight``, the
-  weight its own kernel/dequantizer multiplies with (float32, ``[N, K]``).
+  quantized model on ``input_ids`` (also stored) and, for the first decoder
+  layer's linears, ``<linear>.weight``: the weight its own kernel/dequantizer
+  multiplies with (``[N, K]``, in the tool's dtype).
 
 All tools run on CPU. Seeds are fixed, but the tools' own numerics may change
 across versions: the versions used are recorded in ``<dir>/tool_versions.json``.
@@ -51,6 +52,8 @@ CALIB = [
     "Numbers like 3.14159 and 2.71828 appear everywhere in science and engineering.",
     "The committee met on Tuesday to decide the budget for the next fiscal year.",
 ] * 4
+# Only these linears' dequantized weights are stored in expected.safetensors.
+EXPECTED_WEIGHTS_PREFIX = "model.layers.0."
 # A plain chat template (the messages' text, then the generation prompt).
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 EVAL_TEXT = "The tower was built in Paris for the fair."
@@ -73,7 +76,10 @@ def _save_expected(out: Path, logits: torch.Tensor, input_ids: torch.Tensor,
     from safetensors.torch import save_file
 
     tensors = {"logits": logits.float().contiguous(), "input_ids": input_ids.contiguous()}
-    tensors.update({f"{k}.weight": v.float().contiguous() for k, v in weights.items()})
+    # The first decoder layer's weights, in the tool's own dtype (the logits cover
+    # the rest): keeps the committed files small.
+    tensors.update({f"{k}.weight": v.contiguous() for k, v in weights.items()
+                    if k.startswith(EXPECTED_WEIGHTS_PREFIX)})
     save_file(tensors, str(out / "expected.safetensors"))
     (out / "tool_versions.json").write_text(json.dumps(versions, indent=1) + "\n")
 
@@ -187,13 +193,15 @@ def make_gptqmodel() -> None:
         for desc_act in (False, True):
             out = HERE / f"gptqmodel-w{bits}g64{'-act' if desc_act else ''}"
             qcfg = QuantizeConfig(bits=bits, group_size=64, desc_act=desc_act, sym=True)
-            model = GPTQModel.load(str(BASE), qcfg, device="cpu")
+            # dtype pinned: on CPU GPTQModel would pick bfloat16, and the expected
+            # weights/logits should be the float16 ones its kernels use on GPUs.
+            model = GPTQModel.load(str(BASE), qcfg, device="cpu", dtype=torch.float16)
             model.quantize(calib, batch_size=1)
             if out.exists():
                 shutil.rmtree(out)
             model.save(str(out))
             del model
-            qmodel = GPTQModel.load(str(out), device="cpu")
+            qmodel = GPTQModel.load(str(out), device="cpu", dtype=torch.float16)
             weights = {}
             for name, mod in qmodel.model.named_modules():
                 if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):

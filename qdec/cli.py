@@ -361,6 +361,12 @@ def cmd_residual(args: argparse.Namespace) -> int:
 
     from .formats.foreign import residual_checkpoint
 
+    # Checked before any weight is read, naming the flag.
+    for flag, path in (("--quantized", args.quantized), ("--reference", args.reference)):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag} {path}: no such directory")
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
     out = residual_checkpoint(
         args.quantized, args.reference, args.out, residual_bits=args.residual_bits,
         overwrite=args.overwrite,
@@ -374,8 +380,7 @@ def _add_residual_parser(sub) -> None:
     p = sub.add_parser(
         "residual",
         help="residual store for an AutoAWQ, GPTQ or compressed-tensors checkpoint, from "
-             "the original model; writes a QDEC checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+             "the original model; writes a QDEC checkpoint")
     p.add_argument("--quantized", required=True,
                    help="AutoAWQ (gemm), GPTQ or compressed-tensors (pack-quantized) directory")
     p.add_argument("--reference", required=True,
@@ -383,7 +388,7 @@ def _add_residual_parser(sub) -> None:
                         "safetensors, in the quantized model's basis (see README)")
     p.add_argument("--out", required=True, help="output QDEC checkpoint directory")
     p.add_argument("--residual-bits", type=int, default=4, choices=range(2, 9),
-                   metavar="{2..8}", help="bits per residual code")
+                   metavar="{2..8}", help="bits per residual code (default: 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_residual)

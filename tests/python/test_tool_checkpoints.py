@@ -398,3 +398,19 @@ def test_bias_of_quantized_linears_is_kept(tmp_path):
     assert (k0.float() - dense_logits(src, {n: w.to_quantized_weight().dequantize().float()
                                             for n, w in ckpt.linears.items()}, ids)
             ).abs().max().item() > 10 * LOGIT_ATOL
+
+
+def test_residual_command_checks_paths_first(tmp_path, capsys):
+    tool = str(TOOLS / "llmcompressor-w4a16-gptq")
+    rc = qdec_main(["residual", "--quantized", str(tmp_path / "nope"), "--reference",
+                    str(REFERENCE), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--quantized " in capsys.readouterr().err
+    rc = qdec_main(["residual", "--quantized", tool, "--reference", str(tmp_path / "nope"),
+                    "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--reference " in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    rc = qdec_main(["residual", "--quantized", tool, "--reference", str(REFERENCE),
+                    "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "--overwrite" in err
+    assert list((tmp_path / "o").iterdir()) == []

@@ -26,8 +26,8 @@ from qdec.patch import configure, load_patched_checkpoint
 
 TOOLS = Path(__file__).resolve().parents[1] / "data" / "tools"
 REFERENCE = TOOLS / "tiny-llama"
-TOOL_DIRS = sorted(p.name for p in TOOLS.iterdir()
-                   if p.is_dir() and p.name != "tiny-llama" and (p / "expected.safetensors").is_file())
+TOOL_DIRS = sorted(p.name for p in TOOLS.iterdir() if p.is_dir() and p.name != "tiny-llama"
+                   and (p / "expected.safetensors").is_file())
 # The original model in each checkpoint's basis: AWQ folds its scales into the
 # weights (and clips them), so its reference is AutoAWQ's export_compatible=True
 # export of the same run; the others are in the tiny model's own basis.

@@ -1,5 +1,5 @@
 """The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``report``, ``generate``,
-``tune``."""
+``tune``, ``residual``."""
 
 from __future__ import annotations
 
@@ -166,6 +166,8 @@ class tempfile_dir:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a QDEC checkpoint with and without compensation; report
     tokens/s."""
+    if _foreign_format(args.checkpoint):
+        return _generate_foreign(args)
     import torch
 
     from transformers import AutoTokenizer
@@ -211,6 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.model and _foreign_format(args.model):
+        return _eval_foreign(args)
     from .eval.sweep import EvalConfig, plot_results, run_eval
 
     A.check_model_path("--model", args.model)
@@ -298,6 +302,112 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(summary_table(config))
     print(f"wrote {path}")
     return 0
+
+
+def _foreign_format(path: str) -> str | None:
+    """The tool that made ``path`` (AutoAWQ / GPTQ / compressed-tensors), if any."""
+    from .formats.foreign import detect_quantized_format
+
+    fmt = detect_quantized_format(path) if Path(path).is_dir() else None
+    return {"autoawq": "AutoAWQ", "gptq": "GPTQ"}.get(fmt, fmt)
+
+
+def _generate_foreign(args: argparse.Namespace) -> int:
+    """``qdec generate`` on an AutoAWQ / GPTQ / compressed-tensors directory: converted
+    to a temporary QDEC checkpoint (weights bit for bit, no residual store), run at
+    k = 0 only."""
+    import tempfile
+
+    from .formats.foreign import convert_without_residual
+
+    fmt = _foreign_format(args.checkpoint)
+    print(f"{args.checkpoint}: {fmt} checkpoint, no residual store; running the "
+          f"quantized model alone (k = 0). To compensate, add a residual store from the "
+          f"original weights: qdec residual --quantized {args.checkpoint} --reference "
+          f"<original HF model dir> --out <dir>, then qdec generate <dir>", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="qdec-generate-") as tmp:
+        converted = Path(tmp) / "qdec"
+        convert_without_residual(args.checkpoint, converted)
+        return cmd_generate(argparse.Namespace(**{**vars(args), "checkpoint": str(converted),
+                                                  "k": 0.0, "tune_config": None}))
+
+
+def _eval_foreign(args: argparse.Namespace) -> int:
+    """``qdec eval --model DIR`` on an AutoAWQ / GPTQ / compressed-tensors directory:
+    the perplexity of the quantized model itself (k = 0; no reference, no variants),
+    written as JSON to ``--out``."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from .eval.perplexity import load_text, perplexity
+    from .eval.sweep import environment, write_json
+    from .formats.foreign import convert_without_residual
+    from .patch import load_patched_checkpoint
+
+    fmt = _foreign_format(args.model)
+    print(f"{args.model}: {fmt} checkpoint, no residual store; scoring the "
+          f"quantized model alone (k = 0). To evaluate QDEC on it, add a residual store "
+          f"from the original weights: qdec residual --quantized {args.model} --reference "
+          f"<original HF model dir> --out <dir>", file=sys.stderr)
+    text = Path(args.text)
+    if not text.is_file():
+        raise FileNotFoundError(f"--text {text}: text file not found")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    ids = tokenizer(load_text(text), return_tensors="pt").input_ids[0]
+    with tempfile.TemporaryDirectory(prefix="qdec-eval-") as tmp:
+        converted = Path(tmp) / "qdec"
+        convert_without_residual(args.model, converted)
+        model = load_patched_checkpoint(str(converted))
+        r = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.max_windows,
+                       progress=not args.no_progress, desc=f"{fmt} k=0")
+    result = {"model": str(args.model), "format": fmt, "environment": environment(),
+              "text": str(text), "quantized": {k: r[k] for k in
+                                               ("ppl", "nll", "tokens", "windows", "seconds")}}
+    write_json(result, Path(args.out))
+    print(f"{fmt} quantized perplexity {r['ppl']:.3f} ({r['tokens']} tokens scored); "
+          f"results: {args.out}")
+    return 0
+
+
+def cmd_residual(args: argparse.Namespace) -> int:
+    """Add a residual store to a quantized checkpoint made by another tool: the
+    quantized weights are kept bit for bit, R = W - W_hat from the original model."""
+    from tqdm import tqdm
+
+    from .formats.foreign import residual_checkpoint
+
+    # Checked before any weight is read, naming the flag.
+    for flag, path in (("--quantized", args.quantized), ("--reference", args.reference)):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag} {path}: no such directory")
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
+    out = residual_checkpoint(
+        args.quantized, args.reference, args.out, residual_bits=args.residual_bits,
+        overwrite=args.overwrite,
+        progress=lambda names: tqdm(names, desc="residual", unit="layer",
+                                    disable=args.no_progress))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_residual_parser(sub) -> None:
+    p = sub.add_parser(
+        "residual",
+        help="residual store for an AutoAWQ, GPTQ or compressed-tensors checkpoint, from "
+             "the original model; writes a QDEC checkpoint")
+    p.add_argument("--quantized", required=True,
+                   help="AutoAWQ (gemm), GPTQ or compressed-tensors (pack-quantized) directory")
+    p.add_argument("--reference", required=True,
+                   help="the original (unquantized) model: Hugging Face directory with "
+                        "safetensors, in the quantized model's basis (see README)")
+    p.add_argument("--out", required=True, help="output QDEC checkpoint directory")
+    p.add_argument("--residual-bits", type=int, default=4, choices=range(2, 9),
+                   metavar="{2..8}", help="bits per residual code (default: 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_residual)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="output prefix: writes PREFIX.md, PREFIX.png, PREFIX_costs.png")
     p.set_defaults(func=cmd_report)
 
+    _add_residual_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

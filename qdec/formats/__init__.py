@@ -7,6 +7,10 @@
   project layout.
 * :mod:`.gptq`: GPTQ checkpoints at 2/3/4/8 bits, the v1/v2 zero-point
   conventions, act-order ``g_idx`` (turned into an explicit input permutation).
+* :mod:`.compressed_tensors`: compressed-tensors ``pack-quantized`` (llm-compressor)
+  int weight-only checkpoints, through the ``compressed-tensors`` library.
+* :mod:`.foreign`: detects which tool made a quantized directory, reads it, and
+  adds a residual store from the original weights (``qdec residual``).
 * :mod:`.omniquant`: OmniQuant real-quant (GPTQ layout, v2 zeros) and fake-quant
   FP16 checkpoints (grid recovery).
 * :mod:`.qdec_checkpoint`: the project's own checkpoint directory (layout in its
@@ -46,6 +50,8 @@ from .residual_store import (
 )
 from .autoawq import read_autoawq_checkpoint, write_autoawq_checkpoint
 from .gptq import read_gptq_checkpoint, write_gptq_checkpoint
+from .compressed_tensors import read_compressed_tensors_checkpoint
+from .foreign import detect_quantized_format, read_quantized_checkpoint, residual_checkpoint
 from .omniquant import (
     GridRecovery,
     read_omniquant_fake_checkpoint,
@@ -62,4 +68,6 @@ __all__ = [
     "read_residual_file", "recover_grid", "save_quantization_result", "save_residual_file",
     "save_safetensors", "write_autoawq_checkpoint", "write_gptq_checkpoint",
     "write_qdec_checkpoint",
+    "detect_quantized_format", "read_compressed_tensors_checkpoint",
+    "read_quantized_checkpoint", "residual_checkpoint",
 ]

@@ -58,6 +58,7 @@ float copies of the integer zero points; a layer whose every zero is
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ ZERO_CONVENTIONS = ("v1", "v2")
 # checkpoint_format -> zero convention.
 CHECKPOINT_FORMATS = {"gptq": "v1", "gptq_v2": "v2"}
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
+
+log = logging.getLogger(__name__)
 
 
 def _check_gptq_bits(bits: object, where: str = "") -> int:
@@ -201,6 +204,41 @@ def resolve_zero_convention(config: GPTQConfig | None, option: str | None, sourc
     return chosen
 
 
+def act_order_permutation(g_idx: Tensor | None, K: int, G: int, *, where: str = "g_idx"
+                          ) -> Tensor | None:
+    """The input permutation that makes an act-order ``g_idx`` contiguous.
+
+    ``g_idx[k]`` is the group of input channel ``k``. Returns None when it is the
+    natural ``k // G``; otherwise int64 ``[K]``, the channels stably sorted by group,
+    so that column ``j`` of the converted weight is input channel ``perm[j]``.
+
+    Raises:
+        FormatError: wrong dtype/shape, values outside ``[0, ceil(K/G))``, or groups
+            that do not hold exactly the channel counts of the contiguous layout.
+    """
+    if g_idx is None:
+        return None
+    groups = -(-K // G)
+    if g_idx.dtype not in (torch.int32, torch.int64) or list(g_idx.shape) != [K]:
+        raise FormatError(f"{where} is {g_idx.dtype} {list(g_idx.shape)}; expected int32 [{K}]")
+    gi = g_idx.long()
+    if K and (int(gi.min()) < 0 or int(gi.max()) >= groups):
+        raise FormatError(f"{where} values span [{int(gi.min())}, {int(gi.max())}]; expected "
+                          f"[0, {groups - 1}]")
+    natural = torch.arange(K) // G
+    if torch.equal(gi, natural):
+        return None
+    counts = torch.bincount(gi, minlength=groups)
+    expected = torch.bincount(natural, minlength=groups)
+    if not torch.equal(counts, expected):
+        bad = int((counts != expected).nonzero()[0])
+        raise FormatError(
+            f"{where} puts {int(counts[bad])} channels in group {bad}; the QDEC layout needs "
+            f"contiguous groups of G={G} ({int(expected[bad])} here), so this g_idx cannot be "
+            f"turned into an input permutation")
+    return torch.sort(gi, stable=True).indices
+
+
 def gptq_to_quantized_weight(
     qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None, bits: int,
     group_size: int, zero_convention: str, *, in_features: int | None = None,
@@ -245,27 +283,9 @@ def gptq_to_quantized_weight(
     stored = unpack_gptq_words(qzeros.contiguous(), bits, N)  # [groups, N]
     zeros = (stored.to(torch.int32) + offset).t().to(scales.dtype).contiguous()
 
-    natural = torch.arange(K) // G
-    perm = None
-    if g_idx is not None:
-        if g_idx.dtype not in (torch.int32, torch.int64) or list(g_idx.shape) != [K]:
-            raise FormatError(f"{where}.g_idx is {g_idx.dtype} {list(g_idx.shape)}; expected "
-                              f"int32 [{K}]")
-        gi = g_idx.long()
-        if K and (int(gi.min()) < 0 or int(gi.max()) >= groups):
-            raise FormatError(f"{where}.g_idx values span [{int(gi.min())}, {int(gi.max())}]; "
-                              f"expected [0, {groups - 1}]")
-        if not torch.equal(gi, natural):
-            counts = torch.bincount(gi, minlength=groups)
-            expected = torch.bincount(natural, minlength=groups)
-            if not torch.equal(counts, expected):
-                bad = int((counts != expected).nonzero()[0])
-                raise FormatError(
-                    f"{where}.g_idx puts {int(counts[bad])} channels in group {bad}; the QDEC "
-                    f"layout needs contiguous groups of G={G} ({int(expected[bad])} here), so "
-                    f"this g_idx cannot be turned into an input permutation")
-            perm = torch.sort(gi, stable=True).indices
-            codes = codes[:, perm].contiguous()
+    perm = act_order_permutation(g_idx, K, G, where=f"{where}.g_idx")
+    if perm is not None:
+        codes = codes[:, perm].contiguous()
     if groups == 1:
         project_gs = -1
     elif G % 32:
@@ -399,6 +419,9 @@ def read_gptq_checkpoint(
                           f"config.json quantization_config); pass bits= and group_size=")
     _check_gptq_bits(bits, str(directory))
     convention = resolve_zero_convention(config, zero_convention, cfg_source)
+    if config is not None and config.checkpoint_format is None and zero_convention is None:
+        log.warning("%s: the GPTQ config has no checkpoint_format; reading zero points as v1 "
+                    "(AutoGPTQ's 'gptq': stored z - 1), as every GPTQ loader does", cfg_source)
 
     state = load_state_dict_dir(directory, allow_pickle=allow_pickle)
     names = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
@@ -472,7 +495,8 @@ def write_gptq_checkpoint(
 
 
 __all__ = [
-    "GPTQConfig", "GPTQ_BITS", "dequantize_gptq", "gptq_to_quantized_weight",
+    "GPTQConfig", "GPTQ_BITS", "act_order_permutation", "dequantize_gptq",
+    "gptq_to_quantized_weight",
     "pack_gptq_qweight", "pack_gptq_words", "parse_gptq_config", "quantized_weight_to_gptq",
     "read_gptq_checkpoint", "resolve_zero_convention", "unpack_gptq_qweight",
     "unpack_gptq_words", "write_gptq_checkpoint",

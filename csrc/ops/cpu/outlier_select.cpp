@@ -16,11 +16,16 @@ at::Tensor outlier_select_fp32(const at::Tensor& x2d, int64_t k) {
   const float* x_ptr = x2d.data_ptr<float>();
   int64_t* out_ptr = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> scratch(K);
-    std::vector<float> keys(K), work(K);
+    // Per-thread scratch kept between calls (compensated_linear selects once
+    // per linear and token; value-initialised vectors zeroed 16 bytes per
+    // input channel every time).
+    thread_local std::vector<uint32_t> keys, bucket;
+    thread_local std::vector<int64_t> picked;
+    if (static_cast<int64_t>(keys.size()) < K) keys.resize(K), bucket.resize(K);
+    if (static_cast<int64_t>(picked.size()) < k) picked.resize(k);
     for (int64_t b = begin; b < end; ++b)
-      outlier_select_row(x_ptr + b * K, K, k, out_ptr + b * k, scratch.data(), keys.data(),
-                         work.data());
+      outlier_select_row(x_ptr + b * K, K, k, out_ptr + b * k, keys.data(), bucket.data(),
+                         picked.data());
   });
   return out;
 }

@@ -204,6 +204,15 @@ void residual_codes_axpy(const ResidualStore& r, const int64_t* channels, const 
     for (int64_t i = 0; i < k; ++i) {
       const uint32_t* words = r.residual + channels[i] * r.words_per_row;
       const float a = alpha[i];
+#if defined(__GNUC__) || defined(__clang__)
+      // The selected rows lie anywhere in the store: fetch the next one's
+      // slice of this tile while this one is decoded.
+      if (i + 1 < k) {
+        const uint8_t* next = reinterpret_cast<const uint8_t*>(r.residual + channels[i + 1] * r.words_per_row);
+        for (int64_t byte = c0 * 4 * BITS; byte < c1 * 4 * BITS; byte += 64)
+          __builtin_prefetch(next + byte, 0, 3);
+      }
+#endif
       if (V::kReadsPastBlock && c1 - 1 == row_blocks - 1 && channels[i] == r.K - 1) {
         const RowBlocks<V, BITS> rb(words, row_blocks, /*last_row=*/true);
         for (int64_t c = c0; c < c1; ++c) V::axpy(dec.decode(rb.block(c)), a, acc + c * 32);

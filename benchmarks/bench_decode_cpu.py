@@ -65,30 +65,31 @@ DEFAULT_INFER = ROOT / "build" / "cmake" / "qdec_infer"
 # 4-bit residual store (qdec quantize's defaults).
 VARIANTS = {"w4g32": (4, 32), "w3g64": (3, 64)}
 
-# Runs inside the llama.cpp environment's interpreter: decodes greedily from the
-# given ids and prints one JSON line. The decode loop is timed exactly like
-# qdec_infer's (one forward per new token, greedy argmax of the last logits).
+# Runs inside the llama.cpp environment's interpreter: decodes greedily (top-k 1,
+# no repetition penalty) from the given ids and prints one JSON line. The
+# decode is timed from the first generated token to the last, one forward per
+# new token, like qdec_infer's. Two workarounds for llama-cpp-python 0.3.36:
+# `Llama.eval` no longer stores logits unless logits_all (so the sampler inside
+# `generate` picks the tokens), and a multi-token decode segfaulted in
+# llama_decode on a Sapphire Rapids VM (any prompt of 2+ tokens, any n_ctx), so
+# the prompt goes in one token per batch (n_batch = n_ubatch = 1): the prefill
+# time of llama.cpp rows is therefore not comparable, the decode time is.
 LLAMA_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    import numpy as np
     from llama_cpp import Llama
     cfg = json.loads(sys.argv[1])
-    llm = Llama(model_path=cfg["gguf"], n_ctx=len(cfg["ids"]) + cfg["tokens"] + 8,
-                n_threads=cfg["threads"], n_threads_batch=cfg["threads"], n_batch=512,
-                logits_all=False, verbose=False)
-    t0 = time.perf_counter()
-    llm.eval(cfg["ids"])
-    t1 = time.perf_counter()
-    c1 = time.process_time()
+    llm = Llama(model_path=cfg["gguf"], n_ctx=max(512, len(cfg["ids"]) + cfg["tokens"] + 8),
+                n_threads=cfg["threads"], n_threads_batch=cfg["threads"], n_batch=1,
+                n_ubatch=1, verbose=False)
     tokens = []
-    for step in range(cfg["tokens"]):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        tokens.append(nxt)
-        if step + 1 == cfg["tokens"]:
+    t0 = time.perf_counter()
+    for tok in llm.generate(cfg["ids"], top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        tokens.append(int(tok))
+        if len(tokens) == 1:
+            t1, c1 = time.perf_counter(), time.process_time()
+        if len(tokens) == cfg["tokens"]:
             break
-        llm.eval([nxt])
-    t2 = time.perf_counter()
-    c2 = time.process_time()
+    t2, c2 = time.perf_counter(), time.process_time()
     import llama_cpp
     print(json.dumps({"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_cpu_s": c2 - c1,
                       "decode_steps": len(tokens) - 1, "tokens": tokens,

@@ -213,7 +213,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cost_fractions=_floats(args.cost_fractions),
         lowrank_methods=[m for m in args.lowrank_methods.split(",") if m],
         tune_config=Path(args.tune_config) if args.tune_config else None,
-        tune_targets=[t for t in args.tune_targets.split(",") if t])
+        tune_targets=[t for t in args.tune_targets.split(",") if t],
+        budgets=[b for b in args.budget.split(",") if b], gain_measure=args.gain_measure,
+        budget_calib_windows=args.budget_calib_windows)
+    if cfg.budgets:  # fail now, not after the reference pass
+        from .budget import parse_budget
+
+        for b in cfg.budgets:
+            parse_budget(b)
     if cfg.tune_config is not None:  # fail now, not after the reference pass
         from .tune import load_targets
 
@@ -232,6 +239,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for t in v.get("tuned", []):
             print(f"  tuned {t['target']:>6}: {t['ppl']:.3f} (gap closed {t['gap_closed']:+.1%}, "
                   f"{t['fetched_bytes_per_token'] / 1024:.0f} KiB fetched/token)")
+        for b in v.get("budget", {}).get("runs", []):
+            print(f"  budget {b['budget']:>6} {b['allocation']:9s}: {b['ppl']:.3f} "
+                  f"(gap closed {b['gap_closed']:+.1%}, "
+                  f"{b['fetched_bytes_per_token'] / 1024:.0f} KiB fetched/token)")
         if v.get("cost_comparison"):
             from .eval.costs import cost_table
 
@@ -350,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also evaluate k per projection type from this qdec tune config")
     p.add_argument("--tune-targets", default="",
                    help="targets of the config to evaluate, e.g. 2.5%%,5%% (default: all)")
+    p.add_argument("--budget", default="",
+                   help="fetch budgets, e.g. 1%%,2%%,5%% (bytes of that uniform fraction) or "
+                        "40000B (bytes per token): uniform vs allocated k per linear at equal "
+                        "bytes (default: not run)")
+    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "output"],
+                   help="error measure of the allocation's gain curves (qdec.budget)")
+    p.add_argument("--budget-calib-windows", type=int, default=2,
+                   help="windows of the calibration text also scored at each budget")
     p.add_argument("--out", default="results/eval.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -329,3 +329,39 @@ def estimated_gain(k_map: Mapping[str, int], curves: Mapping[str, GainCurve]) ->
             k0, k1, g0, g1 = c.k[i - 1], c.k[i], c.gain[i - 1], c.gain[i]
             total += g0 + (g1 - g0) * (min(k, k1) - k0) / (k1 - k0)
     return total if math.isfinite(total) else float("nan")
+
+
+def allocate_checkpoint(path: str, calib_ids: Tensor, budget: str, gain_measure: str = "fisher",
+                        fractions: Sequence[float] = DEFAULT_GRID, progress: bool = True) -> dict:
+    """Measure a QDEC checkpoint's gain curves on ``calib_ids``, allocate
+    ``budget`` (:func:`parse_budget`) and store the k map in the checkpoint
+    (:func:`qdec.formats.qdec_checkpoint.write_k_map`), where every loader
+    finds it. What ``qdec allocate`` runs.
+
+    Returns:
+        ``{"k": {linear: k}, "budget", "budget_bytes", "fetched_bytes_per_token",
+        "gain_measure", "calibration_tokens", "estimated_gain",
+        "uniform_estimated_gain"}`` (all but ``k`` also recorded in the
+        checkpoint's ``qdec.k_allocation``).
+
+    Raises:
+        ValueError: a malformed budget or gain measure, or a checkpoint
+            without a residual store.
+    """
+    from .formats.qdec_checkpoint import write_k_map
+    from .patch import load_patched_checkpoint
+
+    parsed = parse_budget(budget)
+    if gain_measure not in GAIN_MEASURES:
+        raise ValueError(f"gain measure must be one of {GAIN_MEASURES}, got {gain_measure!r}")
+    model = load_patched_checkpoint(str(path), k=0)
+    curves = measure_gain_curves(model, calib_ids, fractions, progress)[gain_measure]
+    total = budget_bytes(curves, parsed)
+    k_map = allocate(curves, total)
+    allocation = {"budget": budget, "budget_bytes": total,
+                  "fetched_bytes_per_token": fetched_bytes(k_map, curves),
+                  "gain_measure": gain_measure, "calibration_tokens": int(calib_ids.numel()),
+                  "estimated_gain": estimated_gain(k_map, curves),
+                  "uniform_estimated_gain": estimated_gain(uniform_k_map(curves, parsed), curves)}
+    write_k_map(path, k_map, allocation)
+    return {"k": k_map, **allocation}

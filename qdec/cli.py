@@ -1,5 +1,5 @@
 """The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``report``, ``generate``,
-``tune``."""
+``tune``, ``allocate``."""
 
 from __future__ import annotations
 
@@ -166,9 +166,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from .patch import configure, load_patched_checkpoint
+    from .patch import configure, load_patched_checkpoint, qdec_layers
 
     model = load_patched_checkpoint(args.checkpoint)
+    # the checkpoint's own k (e.g. a per-linear k map from `qdec allocate`)
+    stored = {name: m.k for name, m in qdec_layers(model)}
     tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
     messages = [{"role": "user", "content": args.prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
@@ -182,6 +184,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         configure(model, sm_budget=load_sm_budgets(args.tune_config, args.tune_target))
     elif args.k:
         settings.append(args.k)
+    elif any(stored.values()):
+        settings.append(stored)
     for k in settings:
         configure(model, k=0)
         configure(model, k=k)
@@ -192,8 +196,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  temperature=args.temperature or None, top_k=args.top_k or None)
         new = out.shape[1] - ids.shape[1]
         dt = time.time() - t0
-        what = (", ".join(f"{n} {f:.2%}" for n, f in k.items()) if isinstance(k, dict)
-                else f"{k:.1%}")
+        if k is stored:
+            what = f"the checkpoint's k map ({sum(v > 0 for v in k.values())} linears)"
+        else:
+            what = (", ".join(f"{n} {f:.2%}" for n, f in k.items()) if isinstance(k, dict)
+                    else f"{k:.1%}")
         print(f"--- k = {what} of input channels: {new} tokens in {dt:.2f} s "
               f"({new / dt:.1f} tokens/s)")
         print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -252,6 +259,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         plot_costs(results["variants"], ref, out.with_name(out.stem + "_costs.png"))
     print(f"wall time {results['wall_seconds']:.0f} s; results: {out}")
+    return 0
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    """Choose k per linear for a fetch budget from calibration text and store
+    the k map in the checkpoint's config (qdec.budget)."""
+    from transformers import AutoTokenizer
+
+    from .budget import allocate_checkpoint, parse_budget
+    from .eval.sweep import calibration_ids
+
+    parse_budget(args.budget)  # fail before loading anything
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.checkpoint}: not a checkpoint directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+    calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len, args.seed)
+    result = allocate_checkpoint(args.checkpoint, calib, args.budget, args.gain_measure,
+                                 progress=not args.no_progress)
+    ks = result["k"]
+    print(f"{args.checkpoint}: k map of {len(ks)} linears for budget {args.budget} "
+          f"({result['budget_bytes'] / 1024:.1f} KiB/token; allocated "
+          f"{result['fetched_bytes_per_token'] / 1024:.1f} KiB/token); estimated gain "
+          f"{result['estimated_gain']:.4g} vs uniform {result['uniform_estimated_gain']:.4g}")
+    by_proj: dict[str, list[int]] = {}
+    for name, k in ks.items():
+        by_proj.setdefault(name.rsplit(".", 1)[-1], []).append(k)
+    for proj, values in by_proj.items():
+        print(f"  {proj:10s} k min {min(values)}, mean {sum(values) / len(values):.1f}, "
+              f"max {max(values)}")
     return 0
 
 
@@ -395,6 +431,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("allocate", help="choose k per linear for a fetch budget from "
+                                        "calibration text; store the k map in the checkpoint")
+    p.add_argument("checkpoint", help="QDEC checkpoint directory (with tokenizer)")
+    p.add_argument("--budget", required=True,
+                   help="2%% (the bytes of 2%% uniform) or 40000B (bytes per token)")
+    p.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt",
+                   help="calibration text (never the evaluation text)")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "output"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("report", help="tables and plots from qdec eval JSON files, merged")
     p.add_argument("results", nargs="+", help="JSON files written by qdec eval")

@@ -270,3 +270,31 @@ def test_k_map_as_tune_config_gives_exact_k(tiny, tmp_path):
     # k / K survives the float round trip for every k of realistic widths
     for K in (576, 1536, 4096, 14336):
         assert all(round(k / K * K) == k for k in range(K + 1))
+
+
+def test_allocate_checkpoint_stores_a_budgeted_map(ckpt, tiny, tmp_path):
+    import shutil
+
+    _, _, _, calib = tiny
+    path = tmp_path / "ckpt"
+    shutil.copytree(ckpt, path)
+    result = qb.allocate_checkpoint(str(path), calib, "10%", progress=False)
+    assert result["fetched_bytes_per_token"] <= result["budget_bytes"] > 0
+    assert result["estimated_gain"] >= result["uniform_estimated_gain"]
+    model = load_patched_checkpoint(str(path))
+    assert {n: m.k for n, m in qdec_layers(model)} == result["k"]
+    assert sum(m.fetched_bytes_per_token for _, m in qdec_layers(model)) == \
+        result["fetched_bytes_per_token"]
+    stored = json.loads((path / "config.json").read_text())["qdec"]["k_allocation"]
+    assert stored["budget"] == "10%" and stored["calibration_tokens"] == calib.numel()
+    with pytest.raises(ValueError, match="gain measure must be one of"):
+        qb.allocate_checkpoint(str(path), calib, "10%", gain_measure="loss", progress=False)
+
+
+def test_allocate_cli_errors(tmp_path, capsys):
+    from qdec.cli import main
+
+    assert main(["allocate", str(tmp_path), "--budget", "2%"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert main(["allocate", str(tmp_path), "--budget", "x"]) == 2
+    assert "budget 'x' must be a fraction" in capsys.readouterr().err

@@ -376,3 +376,29 @@ def test_budget_k_map_parity(tiny, tmp_path):
     configure(model, k=k_map)
     py_logits, py_tokens = python_greedy(model, ids, 12)
     assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens)
+
+
+def test_checkpoint_k_map_parity(tiny, tmp_path):
+    """A per-linear k map stored in the checkpoint (quantization_config.k, as
+    `qdec allocate` writes it) is what qdec_infer applies without --k, and
+    what qdec.patch.load_patched_checkpoint applies; --k replaces it."""
+    import shutil
+
+    from qdec.formats.qdec_checkpoint import write_k_map
+    from qdec.patch import configure, load_patched_checkpoint, qdec_layers
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt)
+    names = [n for n, _ in qdec_layers(python_model(tiny))]
+    k_map = {n: (3 * i + 2) % 11 for i, n in enumerate(names)}
+    write_k_map(ckpt, k_map)
+    assert {n: m.k for n, m in qdec_layers(load_patched_checkpoint(str(ckpt)))} == k_map
+    model = python_model(tiny)
+    configure(model, k=k_map)
+    ids = [1, 100, 7, 300, 42, 9]
+    cpp_logits, cpp_tokens = cpp_greedy(ckpt, ids, 12, tmp_path)
+    py_logits, py_tokens = python_greedy(model, ids, 12)
+    assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens)
+    cpp0_logits, cpp0_tokens = cpp_greedy(ckpt, ids, 12, tmp_path, "--k", "0")
+    py0_logits, py0_tokens = python_greedy(python_model(tiny, k=0), ids, 12)
+    assert_greedy_agree(cpp0_logits, cpp0_tokens, py0_logits, py0_tokens)

@@ -365,3 +365,33 @@ def allocate_checkpoint(path: str, calib_ids: Tensor, budget: str, gain_measure:
                   "uniform_estimated_gain": estimated_gain(uniform_k_map(curves, parsed), curves)}
     write_k_map(path, k_map, allocation)
     return {"k": k_map, **allocation}
+
+
+def allocation_summary(k_map: Mapping[str, int], curves: Mapping[str, GainCurve],
+                       depth_groups: int = 3) -> dict[str, dict[str, float]]:
+    """Where a k map spends its bytes: the share of the fetched bytes and the
+    mean k / K per projection type (``q_proj``...) and per depth group
+    (``layers 0-9``...; names ``model.layers.<i>.<...>``)."""
+    total = fetched_bytes(k_map, curves) or 1
+    layer_of = {n: int(n.split("layers.")[1].split(".")[0]) for n in k_map if "layers." in n}
+    n_layers = max(layer_of.values(), default=-1) + 1
+    size = -(-n_layers // depth_groups) if n_layers else 1
+
+    def group(name: str) -> str:
+        if name not in layer_of:
+            return "other"
+        g = layer_of[name] // size
+        return f"layers {g * size}-{min(n_layers, (g + 1) * size) - 1}"
+
+    out: dict[str, dict[str, float]] = {}
+    for key_of, label in ((lambda n: n.rsplit(".", 1)[-1], "projection"), (group, "depth")):
+        acc: dict[str, list[float]] = {}
+        for name, k in k_map.items():
+            c = curves[name]
+            a = acc.setdefault(key_of(name), [0.0, 0.0, 0.0])
+            a[0] += k * c.bytes_per_channel
+            a[1] += k / c.in_features
+            a[2] += 1
+        out[label] = {key: {"byte_share": a[0] / total, "mean_fraction": a[1] / a[2]}
+                      for key, a in acc.items()}
+    return out

@@ -298,3 +298,15 @@ def test_allocate_cli_errors(tmp_path, capsys):
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["allocate", str(tmp_path), "--budget", "x"]) == 2
     assert "budget 'x' must be a fraction" in capsys.readouterr().err
+
+
+def test_allocation_summary():
+    curves = {f"model.layers.{i}.mlp.{p}": qb.GainCurve([0, 100], [0, 1.0], b, 100)
+              for i in range(6) for p, b in (("down_proj", 2), ("up_proj", 6))}
+    k_map = {n: (10 if "down" in n else 0) + (5 if "layers.5." in n else 0) for n in curves}
+    s = qb.allocation_summary(k_map, curves)
+    total = qb.fetched_bytes(k_map, curves)
+    assert s["projection"]["down_proj"]["byte_share"] == pytest.approx((6 * 20 + 10) / total)
+    assert s["projection"]["up_proj"]["mean_fraction"] == pytest.approx(5 / 100 / 6)
+    assert set(s["depth"]) == {"layers 0-1", "layers 2-3", "layers 4-5"}
+    assert sum(v["byte_share"] for v in s["depth"].values()) == pytest.approx(1.0)

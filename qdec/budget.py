@@ -15,7 +15,9 @@ maximize the estimated reduction in model loss:
    errors of different linears are made comparable by weighting them with the
    loss gradient ``g_t`` at the linear's output: ``1/2 sum_t sum_i g_ti^2
    e_ti^2`` is the diagonal empirical-Fisher estimate of the loss increase
-   the error causes (``fisher``, the default); ``output`` is the unweighted
+   the error causes (``fisher``, the default); ``fisher_full`` keeps the
+   correlations between a linear's outputs, ``1/2 sum_t (g_t . e_t)^2`` (the
+   squared first-order loss change per token); ``output`` is the unweighted
    ``sum_t ||e_t||^2``, comparable only within one linear.
 2. :func:`allocate` spends the budget on the upper concave hull of each curve
    by decreasing gain per byte (the Lagrangian solution of the relaxed
@@ -47,7 +49,7 @@ from .patch import configure, qdec_layers
 # allocation can give the linears that pay most several times the average.
 DEFAULT_GRID = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1,
                 0.125, 0.15, 0.2, 0.25)
-GAIN_MEASURES = ("fisher", "output")
+GAIN_MEASURES = ("fisher", "fisher_full", "output")
 
 
 @dataclasses.dataclass
@@ -88,6 +90,7 @@ def _accumulate(x: Tensor, g: Tensor, rt: Tensor, ks: Sequence[int],
     err = x @ rt  # the error left at k = 0 (as the residual estimates it)
     g2 = g.square()
     fisher = torch.empty(len(ks), dtype=torch.float64)
+    fisher_full = torch.empty(len(ks), dtype=torch.float64)
     output = torch.empty(len(ks), dtype=torch.float64)
     prev = 0
     for i, k in enumerate(ks):
@@ -97,8 +100,10 @@ def _accumulate(x: Tensor, g: Tensor, rt: Tensor, ks: Sequence[int],
             prev = k
         e2 = err.square()
         fisher[i] = 0.5 * float((g2 * e2).sum(dtype=torch.float64))
+        fisher_full[i] = 0.5 * float((g * err).sum(1).square().sum(dtype=torch.float64))
         output[i] = float(e2.sum(dtype=torch.float64))
     sums["fisher"] = sums.get("fisher", 0) + fisher
+    sums["fisher_full"] = sums.get("fisher_full", 0) + fisher_full
     sums["output"] = sums.get("output", 0) + output
     sums["tokens"] = sums.get("tokens", 0) + x.shape[0]
 

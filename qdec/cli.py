@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fetch budgets, e.g. 1%%,2%%,5%% (bytes of that uniform fraction) or "
                         "40000B (bytes per token): uniform vs allocated k per linear at equal "
                         "bytes (default: not run)")
-    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "output"],
+    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "fisher_full", "output"],
                    help="error measure of the allocation's gain curves (qdec.budget)")
     p.add_argument("--budget-calib-windows", type=int, default=2,
                    help="windows of the calibration text also scored at each budget")
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "output"])
+    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "fisher_full", "output"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_allocate)
 

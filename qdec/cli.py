@@ -1,5 +1,5 @@
 """The ``qdec`` command line: ``demo``, ``quantize``, ``eval``, ``report``, ``generate``,
-``tune``, ``residual``."""
+``tune``, ``residual``, ``allocate``."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from .patch import configure, load_patched_checkpoint
+    from .patch import configure, load_patched_checkpoint, qdec_layers
 
     k_arg = A.check_checkpoint_k(args.checkpoint, args.k, GENERATE_DEFAULT_K)
     if args.tune_config:  # fail now, not after loading the model
@@ -181,6 +181,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         load_config(args.tune_config, args.tune_target)
     with phase(f"loading {args.checkpoint}"):
         model = load_patched_checkpoint(args.checkpoint)
+    # the checkpoint's own k (e.g. a per-linear k map from `qdec allocate`): it
+    # runs unless --k is given
+    stored = {name: m.k for name, m in qdec_layers(model)}
     tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
     messages = [{"role": "user", "content": args.prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
@@ -192,6 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         settings.append(load_config(args.tune_config, args.tune_target))
         configure(model, sm_budget=load_sm_budgets(args.tune_config, args.tune_target))
+    elif args.k is None and any(stored.values()):
+        settings.append(stored)
     elif k_arg:
         settings.append(k_arg)
     for k in settings:
@@ -204,8 +209,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  temperature=args.temperature or None, top_k=args.top_k or None)
         new = out.shape[1] - ids.shape[1]
         dt = time.time() - t0
-        what = (", ".join(f"{n} {f:.2%}" for n, f in k.items()) + " of input channels"
-                if isinstance(k, dict) else A.describe_k(k))
+        if k is stored:
+            what = f"the checkpoint's k map ({sum(v > 0 for v in k.values())} linears)"
+        elif isinstance(k, dict):
+            what = ", ".join(f"{n} {f:.2%}" for n, f in k.items()) + " of input channels"
+        else:
+            what = A.describe_k(k)
         print(f"--- k = {what}: {new} tokens in {dt:.2f} s "
               f"({new / dt:.1f} tokens/s)")
         print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -229,7 +238,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ranks=args.ranks, cost_fractions=args.cost_fractions,
         lowrank_methods=args.lowrank_methods,
         tune_config=Path(args.tune_config) if args.tune_config else None,
-        tune_targets=args.tune_targets)
+        tune_targets=args.tune_targets,
+        budgets=args.budget, gain_measure=args.gain_measure,
+        budget_calib_windows=args.budget_calib_windows)
+    if cfg.budgets:  # fail now, not after the reference pass
+        from .budget import parse_budget
+
+        for b in cfg.budgets:
+            parse_budget(b)
     if cfg.tune_config is not None:  # fail now, not after the reference pass
         from .tune import load_targets
 
@@ -251,6 +267,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for t in v.get("tuned", []):
             print(f"  tuned {t['target']:>6}: {t['ppl']:.3f} (gap closed {t['gap_closed']:+.1%}, "
                   f"{t['fetched_bytes_per_token'] / 1024:.0f} KiB fetched/token)")
+        for b in v.get("budget", {}).get("runs", []):
+            print(f"  budget {b['budget']:>6} {b['allocation']:9s}: {b['ppl']:.3f} "
+                  f"(gap closed {b['gap_closed']:+.1%}, "
+                  f"{b['fetched_bytes_per_token'] / 1024:.0f} KiB fetched/token)")
         if v.get("cost_comparison"):
             from .eval.costs import cost_table
 
@@ -260,6 +280,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         plot_costs(results["variants"], ref, out.with_name(out.stem + "_costs.png"))
     print(f"wall time {results['wall_seconds']:.0f} s; results: {out}")
+    return 0
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    """Choose k per linear for a fetch budget from calibration text and store
+    the k map in the checkpoint's config (qdec.budget)."""
+    from transformers import AutoTokenizer
+
+    from .budget import allocate_checkpoint
+    from .eval.sweep import calibration_ids
+
+    A.check_text_files(None, args.calib)  # fail before loading anything
+
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.checkpoint}: not a checkpoint directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+    calib = calibration_ids(tok, Path(args.calib), args.calib_samples, args.calib_len, args.seed)
+    result = allocate_checkpoint(args.checkpoint, calib, args.budget, args.gain_measure,
+                                 progress=not args.no_progress)
+    ks = result["k"]
+    print(f"{args.checkpoint}: k map of {len(ks)} linears for budget {args.budget} "
+          f"({result['budget_bytes'] / 1024:.1f} KiB/token; allocated "
+          f"{result['fetched_bytes_per_token'] / 1024:.1f} KiB/token); estimated gain "
+          f"{result['estimated_gain']:.4g} vs uniform {result['uniform_estimated_gain']:.4g}")
+    by_proj: dict[str, list[int]] = {}
+    for name, k in ks.items():
+        by_proj.setdefault(name.rsplit(".", 1)[-1], []).append(k)
+    for proj, values in by_proj.items():
+        print(f"  {proj:10s} k min {min(values)}, mean {sum(values) / len(values):.1f}, "
+              f"max {max(values)}")
     return 0
 
 
@@ -507,6 +557,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: none)")
     p.add_argument("--tune-targets", type=A.target_list, default="",
                    help="targets of the config to evaluate, e.g. 2.5%%,5%% (default: all)")
+    p.add_argument("--budget", type=A.budget_list, default="",
+                   help="fetch budgets, e.g. 1%%,2%%,5%% (bytes of that uniform fraction) or "
+                        "40000B (bytes per token): uniform vs allocated k per linear at equal "
+                        "bytes (default: not run)")
+    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "fisher_full", "output"],
+                   help="error measure of the allocation's gain curves (qdec.budget)")
+    p.add_argument("--budget-calib-windows", type=A.int_at_least(0), default=2,
+                   help="windows of the calibration text also scored at each budget")
     p.add_argument("--out", default="results/eval.json",
                    help="results JSON (replaced if it exists); plots are written beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -538,6 +596,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("allocate", help="choose k per linear for a fetch budget from "
+                                        "calibration text; store the k map in the checkpoint",
+                       formatter_class=A.HelpFormatter)
+    p.add_argument("checkpoint", help="QDEC checkpoint directory (with tokenizer)")
+    p.add_argument("--budget", type=A.budget_value, required=True,
+                   help="2%% (the bytes of 2%% uniform) or 40000B (bytes per token)")
+    p.add_argument("--calib", default=str(A.DEFAULT_CALIB),
+                   help="calibration text, never the evaluation text (default: the WikiText-2 "
+                        "validation excerpt shipped with qdec)")
+    p.add_argument("--calib-samples", type=A.int_at_least(1), default=8,
+                   help="calibration windows")
+    p.add_argument("--calib-len", type=A.int_at_least(1), default=512,
+                   help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed")
+    p.add_argument("--gain-measure", default="fisher", choices=["fisher", "fisher_full", "output"],
+                   help="error measure of the gain curves (qdec.budget)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("report", help="tables and plots from qdec eval JSON files, merged",
                        formatter_class=A.HelpFormatter)

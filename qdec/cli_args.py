@@ -269,6 +269,24 @@ def target_list(text: str) -> list[str]:
 
 # ---- checks that need the file system or several flags --------------------------------------
 
+def budget_value(text: str) -> str:
+    """``type=`` for one fetch budget: ``2%`` / ``0.02`` (the bytes of that
+    uniform fraction) or ``40000B`` (bytes per token); qdec.budget.parse_budget
+    checks it, the text is kept (that is what the budget functions take)."""
+    from .budget import parse_budget
+
+    try:
+        parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
+
+
+def budget_list(text: str) -> list[str]:
+    """``type=`` for comma-separated fetch budgets (:func:`budget_value`)."""
+    return [budget_value(item) for item in _items(text)]
+
+
 def check_input_file(flag: str, path: str | os.PathLike, hint: str = "") -> Path:
     """``path`` as a Path if it is a readable file; else FileNotFoundError naming ``flag``."""
     p = Path(path)

@@ -226,7 +226,15 @@ class QDECLinear(nn.Module):
         there too.) The one definition every cost report uses."""
         if self.residual is None or self.k == 0:
             return 0
-        return self.channels_per_token * self.residual.shape[1] * self.residual.element_size()
+        return self.channels_per_token * self.fetched_bytes_per_channel
+
+    @property
+    def fetched_bytes_per_channel(self) -> int:
+        """Bytes of the residual store read per token for one compensated
+        input channel (one packed row of ``R^T``); 0 without a residual."""
+        if self.residual is None:
+            return 0
+        return self.residual.shape[1] * self.residual.element_size()
 
     @property
     def gpu_extra_bytes(self) -> int:
@@ -356,6 +364,23 @@ class QDECLinear(nn.Module):
             y = y + self.lowrank(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def dense_weights(self) -> tuple[Tensor, Tensor | None]:
+        """Float32 ``W_hat`` ``[N, K]`` and the decoded residual ``R^T``
+        ``[K, N]`` (row j is channel j's column ``R[:, j]``; ``None`` without a
+        residual store), built once and cached for the dense simulation and
+        for calibration statistics (:mod:`qdec.budget`)."""
+        if self._dense_cache is None:
+            w = ops.dequantize(*self._weight_args(torch.float32), self.in_features)
+            rt = None  # float32 [K, N]: row j is channel j's residual R[:, j]
+            if self.residual is not None:
+                # Every row of the host store, decoded by the CPU op (the
+                # Python reference unpacks bit by bit in int64: seconds per model).
+                every = torch.arange(self.in_features, dtype=torch.int64)
+                rt = ops.residual_gather(self.residual, self.residual_scales.cpu(), every,
+                                         self.residual_bits).to(w.device)
+            self._dense_cache = (w, rt)
+        return self._dense_cache
+
     def _forward_dense(self, x: Tensor, k: int) -> Tensor:
         """The same per-token result as the ops, computed with BLAS: ``x @
         W_hat^T`` plus each row's ``sum_{j in S} x[j] R[:, j]``. Used by
@@ -368,17 +393,7 @@ class QDECLinear(nn.Module):
         a dense ``(x * mask) @ R^T`` that multiplies ``K - k`` zeros per row;
         the static policy, one channel set for all rows, is a ``[rows, k] x
         [k, N]`` GEMM. Same sums, in another order (float32 rounding only)."""
-        if self._dense_cache is None:
-            w = ops.dequantize(*self._weight_args(torch.float32), self.in_features)
-            rt = None  # float32 [K, N]: row j is channel j's residual R[:, j]
-            if self.residual is not None:
-                # Every row of the host store, decoded by the CPU op (the
-                # Python reference unpacks bit by bit in int64: seconds per model).
-                every = torch.arange(self.in_features, dtype=torch.int64)
-                rt = ops.residual_gather(self.residual, self.residual_scales.cpu(), every,
-                                         self.residual_bits).to(w.device)
-            self._dense_cache = (w, rt)
-        w, rt = self._dense_cache
+        w, rt = self.dense_weights()
         x2d = x.reshape(-1, self.in_features).float()
         y = x2d @ w.t()
         if k > 0:

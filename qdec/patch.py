@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -129,18 +130,23 @@ def patch(
     return PatchReport(replaced, kept, gpu_bytes, host_bytes)
 
 
-def load_patched_checkpoint(path: str, k: int | float = 0,
+def load_patched_checkpoint(path: str, k: int | float | Mapping[str, int | float] | None = None,
                             policy: SelectionPolicy = "dynamic") -> nn.Module:
     """A transformers model built from a QDEC checkpoint directory and patched
     with its packed weights and residual store (float32, CPU, eval mode): what
     ``qdec generate`` runs, and the reference the vLLM plugin is tested against.
+
+    ``k`` (as :func:`configure` takes it) overrides the checkpoint's own
+    ``quantization_config.k`` (a per-linear k map from :mod:`qdec.budget`, a
+    per-projection mapping, a fraction or a count; absent = 0), which applies
+    when ``k`` is None.
 
     Raises:
         qdec.formats.FormatError: the checkpoint is malformed (naming file and tensor).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .formats.qdec_checkpoint import read_qdec_checkpoint
+    from .formats.qdec_checkpoint import checkpoint_k_map, read_qdec_checkpoint
 
     ckpt = read_qdec_checkpoint(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -151,7 +157,14 @@ def load_patched_checkpoint(path: str, k: int | float = 0,
     if config.tie_word_embeddings:
         model.tie_weights()
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    patch(model, ckpt.packed_linears(), k=k, policy=policy)
+    packed = ckpt.packed_linears()
+    if k is None or isinstance(k, Mapping):
+        patch(model, packed, k=0, policy=policy)
+        configure(model, k=k if k is not None else checkpoint_k_map(
+            ckpt.config, {n: p.in_features for n, p in packed.items()},
+            str(Path(path) / "config.json")))
+    else:  # one k for all: layers without a residual store stay at 0
+        patch(model, packed, k=k, policy=policy)
     return model.eval()
 
 

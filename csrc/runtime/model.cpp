@@ -65,6 +65,42 @@ KValue KPolicy::for_layer(const std::string& name) const {
   return k;
 }
 
+namespace {
+KValue k_value_from_json(const nlohmann::json& v, const std::string& file, const std::string& what) {
+  if (!v.is_number() || v.is_boolean())
+    throw std::invalid_argument(file + ": " + what + " must be a number, got " + v.dump());
+  KValue k;
+  k.fraction = v.is_number_float();
+  k.value = v.get<double>();
+  if (!std::isfinite(k.value) || k.value < 0 || (k.fraction && k.value > 1.0))
+    throw std::invalid_argument(file + ": " + what + " must be a count >= 0 or a fraction in [0, 1], got " +
+                                v.dump());
+  return k;
+}
+}  // namespace
+
+KPolicy checkpoint_k_policy(const nlohmann::json& config, const std::string& file) {
+  KPolicy policy;
+  const auto qc = config.find("quantization_config");
+  if (qc == config.end() || !qc->is_object() || qc->value("quant_method", std::string()) != "qdec")
+    return policy;
+  const auto k = qc->find("k");
+  if (k == qc->end() || k->is_null()) return policy;
+  if (!k->is_object()) {
+    policy.all = k_value_from_json(*k, file, "quantization_config.k");
+    return policy;
+  }
+  // Later overrides win: projection names first, then full linear names.
+  std::vector<std::pair<std::string, KValue>> short_names, full_names;
+  for (const auto& [name, v] : k->items()) {
+    auto entry = std::make_pair(name, k_value_from_json(v, file, "quantization_config.k[\"" + name + "\"]"));
+    (name.find('.') == std::string::npos ? short_names : full_names).push_back(std::move(entry));
+  }
+  policy.overrides = std::move(short_names);
+  policy.overrides.insert(policy.overrides.end(), full_names.begin(), full_names.end());
+  return policy;
+}
+
 at::Tensor Linear::forward(const at::Tensor& x_in, bool compensate) const {
   if (!quantized) return at::linear(x_in, weight, bias);
   const at::Tensor x = input_perm ? x_in.index_select(-1, *input_perm) : x_in;

@@ -36,6 +36,14 @@ struct KPolicy {
   KValue for_layer(const std::string& name) const;
 };
 
+// The k a checkpoint's config.json sets: quantization_config.k (quant_method
+// "qdec"), a count (16), a fraction (0.05), or an object mapping a projection
+// (down_proj) or a full linear name to either -- e.g. the per-linear k map
+// that `qdec allocate` writes. As qdec.formats.qdec_checkpoint.k_for_linear
+// resolves it: a full name wins over a projection name; absent = 0.
+// `file` only names the file in errors (std::invalid_argument).
+KPolicy checkpoint_k_policy(const nlohmann::json& config, const std::string& file);
+
 struct Linear {
   std::string name;
   int64_t in_features = 0, out_features = 0;

@@ -52,7 +52,9 @@ compensation
   --k VALUE              channels compensated per token in every quantized linear:
                          an integer is a count (16; 1 = one channel), a number with
                          a decimal point or exponent a fraction of its inputs in
-                         [0, 1] (0.05; 1.0 = all), as in every qdec command; default 0
+                         [0, 1] (0.05; 1.0 = all), as in every qdec command; default
+                         the checkpoint's quantization_config.k (e.g. the per-linear
+                         k map of `qdec allocate`), else 0; --k/--k-for replace it
   --k-for NAME=VALUE     per-layer override, NAME a projection (down_proj), a
                          suffix (mlp.down_proj, layers.3.mlp.down_proj) or a full
                          name; repeatable, later ones win
@@ -96,6 +98,7 @@ struct Args {
   SamplingOptions sampling;
   bool ignore_eos = false, stream = true, quiet = false, compensate_prefill = true;
   KPolicy k;
+  bool k_given = false;  // --k or --k-for: replaces the checkpoint's quantization_config.k
   std::string tune_config, tune_target;
   std::string device = "cpu", dtype = "float32";
   int threads = 0;
@@ -169,8 +172,9 @@ Args parse_args(int argc, char** argv) {
       else if (f == "--top-k") a.sampling.top_k = parse_int(f, value(), 0);
       else if (f == "--seed") a.sampling.seed = static_cast<uint64_t>(parse_int(f, value(), 0));
       else if (f == "--ignore-eos") a.ignore_eos = true;
-      else if (f == "--k") a.k.all = KValue::parse(value());
+      else if (f == "--k") a.k.all = KValue::parse(value()), a.k_given = true;
       else if (f == "--k-for") {
+        a.k_given = true;
         const auto v = value();
         const auto eq = v.find('=');
         if (eq == std::string::npos || eq == 0) usage_error("--k-for expects NAME=VALUE, got \"" + v + "\"");
@@ -284,7 +288,7 @@ int run(const Args& args) {
   ro.compensate_prefill = args.compensate_prefill;
   ro.lm_head_bits = args.lm_head_bits;
   LlamaModel model(ckpt, ro);
-  KPolicy k_policy = args.k;
+  KPolicy k_policy = args.k_given ? args.k : checkpoint_k_policy(ckpt.raw_config, ckpt.dir + "/config.json");
   if (!args.tune_config.empty()) {
     const TuneChoice tuned = read_tune_config(args.tune_config, args.tune_target);
     for (const auto& [name, fraction] : tuned.fractions)

@@ -72,6 +72,75 @@ def sweep_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def budget_table(results: dict) -> str:
+    """Markdown: per variant with ``qdec eval --budget`` runs, uniform vs
+    allocated k at each budget (equal bytes fetched per token): perplexity
+    and gap closed on the evaluation text and on the calibration text."""
+    ref = results["reference"]["ppl"]
+    lines = []
+    for v in results["variants"]:
+        runs = v.get("budget", {}).get("runs", [])
+        if not runs:
+            continue
+        lines.append(f"**{v['label']}** (fetch budget; gain measure "
+                     f"{v['budget']['gain_measure']}): reference {ref:.2f}, quantized "
+                     f"{v['quantized']['ppl']:.2f}\n")
+        lines.append("| budget | KiB fetched/token (uniform / allocated) | uniform | allocated "
+                     "| calibration text: uniform | allocated |")
+        lines.append("|---|---|---|---|---|---|")
+        for spec in dict.fromkeys(r["budget"] for r in runs):
+            u = next(r for r in runs if r["budget"] == spec and r["allocation"] == "uniform")
+            a = next(r for r in runs if r["budget"] == spec and r["allocation"] == "allocated")
+
+            def cell(r, ppl="ppl", gap="gap_closed"):
+                return "-" if r.get(ppl) is None else f"{r[ppl]:.2f} ({r[gap]:.0%})"
+
+            def calib(r):
+                return cell(r, "calib_ppl", "calib_gap_closed")
+
+            lines.append(f"| {spec} | {u['fetched_bytes_per_token'] / 1024:.1f} / "
+                         f"{a['fetched_bytes_per_token'] / 1024:.1f} | {cell(u)} | {cell(a)} | "
+                         f"{calib(u)} | {calib(a)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_budget(results: dict, path: Path) -> None:
+    """Perplexity against KiB fetched per token, uniform vs allocated, one
+    panel per variant with budget runs."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in results["variants"] if v.get("budget", {}).get("runs")]
+    fig, axes = plt.subplots(1, max(1, len(variants)), figsize=(5 * max(1, len(variants)), 4),
+                             squeeze=False)
+    ref = results["reference"]["ppl"]
+    for ax, v in zip(axes[0], variants):
+        for kind, marker in (("uniform", "o"), ("allocated", "s")):
+            pts = sorted((r["fetched_bytes_per_token"] / 1024, r["ppl"])
+                         for r in v["budget"]["runs"] if r["allocation"] == kind)
+            ax.plot([0] + [p[0] for p in pts], [v["quantized"]["ppl"]] + [p[1] for p in pts],
+                    marker=marker, label=f"{kind} k")
+        ax.axhline(ref, color="k", ls="--", lw=1, label="reference")
+        ax.set_title(v["label"])
+        ax.set_xlabel("residual KiB fetched per token")
+        ax.set_ylabel("perplexity")
+        if v["quantized"]["ppl"] > 20 * ref:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def write_report(paths: list[Path], out_prefix: Path) -> dict[str, Path]:
     """Write ``<prefix>.md`` (sweep and cost tables) and the plots
     ``<prefix>.png`` (perplexity against k) and ``<prefix>_costs.png`` (matched
@@ -90,6 +159,11 @@ def write_report(paths: list[Path], out_prefix: Path) -> dict[str, Path]:
         written["plot"] = out_prefix.with_suffix(".png")
         plot_results({**results, "variants": [v for v in results["variants"]
                                                if v["compensated"]]}, written["plot"])
+    if any(v.get("budget", {}).get("runs") for v in results["variants"]):
+        parts.append(f"## Fetch budget: uniform vs allocated k at equal bytes\n\n"
+                     f"{budget_table(results)}\n")
+        written["budget_plot"] = out_prefix.with_name(out_prefix.name + "_budget.png")
+        plot_budget(results, written["budget_plot"])
     costed = [v for v in results["variants"] if v.get("cost_comparison")]
     for v in costed:
         parts.append(f"## Matched cost: {v['label']}\n\n{cost_table(v['cost_comparison'], ref)}\n")

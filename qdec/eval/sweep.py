@@ -77,6 +77,14 @@ class EvalConfig:
     # (None = no tuned runs; empty targets = every target in the file).
     tune_config: Path | None = None
     tune_targets: list[str] = dataclasses.field(default_factory=list)
+    # Fetch budgets (qdec.budget.parse_budget: "2%" = the bytes of 2 % uniform,
+    # "40000B" = bytes per token): uniform vs allocated k at equal bytes, dynamic
+    # policy, the allocation measured on the calibration windows only. Empty = not run.
+    budgets: list[str] = dataclasses.field(default_factory=list)
+    gain_measure: str = "fisher"
+    # Windows of the calibration text also scored at each budget (does the
+    # calibration-only choice transfer to the evaluation text?); 0 = none.
+    budget_calib_windows: int = 2
 
 
 def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -146,6 +154,20 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
         "variants": [],
     }
     ref_ppl = results["reference"]["ppl"]
+    calib_text_ids = None
+    if cfg.budgets and cfg.budget_calib_windows:
+        calib_text_ids = tokenizer(load_text(cfg.calib_text), return_tensors="pt").input_ids[0]
+
+    def calib_ppl(m, label: str) -> dict | None:
+        if calib_text_ids is None:
+            return None
+        r = perplexity(m, calib_text_ids, seq_len=cfg.seq_len,
+                       max_windows=cfg.budget_calib_windows, progress=cfg.progress,
+                       desc=f"{label} (calibration text)")
+        return {k: r[k] for k in ("ppl", "nll", "tokens", "windows", "seconds")}
+
+    if calib_text_ids is not None:
+        results["calib_reference"] = calib_ppl(model, "reference")
     for variant in cfg.variants:
         qmodel = copy.deepcopy(model)
         qres = quantize_model(qmodel, variant.method, variant.bits, variant.group_size,
@@ -174,6 +196,9 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
                 r.update(policy=policy, fraction=frac,
                          gap_closed=gap_closed(ref_ppl, base["ppl"], r["ppl"]))
                 entry["compensated"].append(r)
+        if cfg.budgets:
+            entry["budget"] = _budget_runs(qmodel, cfg, calib, ppl, calib_ppl, results,
+                                           base["ppl"], out, variant.label)
         if cfg.tune_config is not None:
             entry["tuned"] = _tuned_runs(qmodel, cfg, lambda m, label: ppl(
                 m, f"{variant.label} {label}"), ref_ppl, base["ppl"])
@@ -197,6 +222,61 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
     if out is not None:
         write_json(results, out)
     return results
+
+
+def _budget_runs(qmodel, cfg: EvalConfig, calib: torch.Tensor, score, calib_score,
+                 results: dict, base_ppl: float, out: Path | None, label: str) -> dict:
+    """Uniform vs allocated k at each of ``cfg.budgets`` (equal bytes fetched
+    per token, dynamic policy): gain curves on the calibration windows, the
+    allocation (:mod:`qdec.budget`), perplexity on the evaluation text and on
+    the first windows of the calibration text. The k maps are also written as
+    a ``qdec tune`` config next to ``out`` (``<stem>_<variant>_kmaps.json``)
+    for ``qdec generate``/``qdec_infer`` ``--tune-config``."""
+    from .. import budget as qb
+
+    if cfg.gain_measure not in qb.GAIN_MEASURES:
+        raise ValueError(f"gain measure must be one of {qb.GAIN_MEASURES}, got "
+                         f"{cfg.gain_measure!r}")
+    t0 = time.time()
+    all_curves = qb.measure_gain_curves(qmodel, calib, progress=cfg.progress)
+    curves = all_curves[cfg.gain_measure]
+    ref_ppl = results["reference"]["ppl"]
+    calib_ref = results.get("calib_reference")
+    calib_base = calib_score(qmodel, f"{label} k=0")
+    section = {"gain_measure": cfg.gain_measure, "curve_seconds": round(time.time() - t0, 1),
+               "calib_quantized": calib_base, "runs": [],
+               "curves": {m: {n: c.to_json() for n, c in cs.items()}
+                          for m, cs in all_curves.items()}}
+    k_maps = {}
+    for spec in cfg.budgets:
+        parsed = qb.parse_budget(spec)
+        budget_bytes = qb.budget_bytes(curves, parsed)
+        allocated = qb.allocate(curves, budget_bytes)
+        if parsed[0] == "fraction":
+            k_maps[spec] = allocated
+        for kind, k_map in (("uniform", qb.uniform_k_map(curves, parsed)),
+                            ("allocated", allocated)):
+            configure(qmodel, k=0, policy="dynamic")
+            configure(qmodel, k=k_map)
+            r = score(qmodel, f"{kind} {spec}")
+            r.update(budget=spec, budget_bytes=budget_bytes, allocation=kind,
+                     fetched_bytes_per_token=sum(m.fetched_bytes_per_token
+                                                 for _, m in _layers(qmodel)),
+                     estimated_gain=qb.estimated_gain(k_map, curves),
+                     gap_closed=gap_closed(ref_ppl, base_ppl, r["ppl"]), k=k_map)
+            if calib_base is not None:
+                c = calib_score(qmodel, f"{kind} {spec}")
+                r.update(calib_ppl=c["ppl"], calib_gap_closed=gap_closed(
+                    calib_ref["ppl"], calib_base["ppl"], c["ppl"]))
+            section["runs"].append(r)
+    configure(qmodel, k=0)
+    if out is not None and k_maps:
+        slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower())
+        path = out.with_name(f"{out.stem}_{slug}_kmaps.json")
+        write_json(qb.tune_config_for(k_maps, curves, {"variant": label,
+                                                        "gain_measure": cfg.gain_measure}), path)
+        section["tune_config"] = str(path)
+    return section
 
 
 def _tuned_runs(qmodel, cfg: EvalConfig, score, ref_ppl: float, base_ppl: float) -> list[dict]:

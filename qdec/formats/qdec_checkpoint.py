@@ -403,6 +403,87 @@ def read_quantization_config(config: Mapping, where: str = "config.json") -> dic
     return out
 
 
+KSpec = int | float | dict[str, int | float]
+
+
+def k_for_linear(spec: KSpec, name: str, in_features: int) -> int:
+    """Channels compensated per token for linear ``name`` (full name, e.g.
+    ``model.layers.3.mlp.down_proj``) with ``in_features`` inputs, from a k
+    specification as :func:`read_quantization_config` returns it.
+
+    The one resolution rule every loader uses (the patch path, ``qdec
+    generate``, the vLLM plugin, a transformers integration): a mapping is
+    looked up by full name, then by the last name component (``down_proj``),
+    absent = 0 (a per-linear *k map* written by :mod:`qdec.budget` names every
+    linear); a float is a fraction of ``in_features``, rounded as
+    :attr:`qdec.nn.QDECLinear.k` rounds it (Python's ``round``); an int is a
+    channel count.
+
+    Raises:
+        ValueError: the resolved k is outside ``[0, in_features]``.
+    """
+    if isinstance(spec, Mapping):
+        spec = spec.get(name, spec.get(name.rsplit(".", 1)[-1], 0))
+    k = round(spec * in_features) if isinstance(spec, float) else int(spec)
+    if not 0 <= k <= in_features:
+        raise ValueError(f"k for {name} must be in [0, {in_features}], got {k}")
+    return k
+
+
+def checkpoint_k_map(config: Mapping, in_features: Mapping[str, int],
+                     where: str = "config.json") -> dict[str, int]:
+    """The k of every linear in ``in_features`` (name -> input channels) set by
+    a checkpoint's ``config.json`` (``quantization_config.k``: a count, a
+    fraction, a per-projection or a per-linear mapping; absent = 0).
+
+    Raises:
+        FormatError: the config is not a valid QDEC config, or its k resolves
+            outside ``[0, in_features]`` for some linear (naming it).
+    """
+    spec = read_quantization_config(config, where)["k"]
+    out = {}
+    for name, K in in_features.items():
+        try:
+            out[name] = k_for_linear(spec, name, K)
+        except ValueError as e:
+            raise FormatError(f"{where}: quantization_config.k: {e}") from None
+    return out
+
+
+def write_k_map(path: str | os.PathLike, k_map: Mapping[str, int],
+                allocation: Mapping | None = None) -> Path:
+    """Store a per-linear k map (full linear name -> channel count) in the
+    checkpoint directory ``path``: ``config.json``'s ``quantization_config.k``
+    (what every loader reads, :func:`checkpoint_k_map`) and, when given, how
+    it was chosen under ``qdec.k_allocation`` (budget, bytes per token, gain
+    measure). The file is replaced atomically.
+
+    Raises:
+        FormatError: ``path`` is not a QDEC checkpoint, or ``k_map`` names a
+            linear the checkpoint does not quantize or has a k that is not an
+            int in ``[0, in_features]``.
+    """
+    path = Path(os.fspath(path))
+    cfg_path = path / CONFIG_FILE
+    config = read_json(str(cfg_path), "config")
+    section = _parse_section(str(cfg_path), config)
+    layers = read_qdec_checkpoint(path, load_residual=False).linears
+    for name, k in k_map.items():
+        if name not in layers:
+            raise FormatError(f"{cfg_path}: k map names {name!r}, not a quantized linear of "
+                              f"this checkpoint")
+        K = layers[name].in_features
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= K:
+            raise FormatError(f"{cfg_path}: k of {name} must be an int in [0, {K}], got {k!r}")
+    block = dict(config.get("quantization_config") or quantization_config_block(section))
+    block["k"] = {name: int(k) for name, k in k_map.items()}
+    config["quantization_config"] = block
+    if allocation is not None:
+        section["k_allocation"] = dict(_json_safe(dict(allocation), "allocation"))
+    write_json_atomic(config, cfg_path, overwrite=True)
+    return cfg_path
+
+
 def model_file_metadata(layers: Mapping[str, Mapping]) -> dict[str, str]:
     """The ``__metadata__`` of ``model.safetensors`` for these per-layer entries
     (:meth:`PackedWeight.layer_metadata`, in file order)."""
@@ -736,8 +817,9 @@ def save_quantization_result(path: str | os.PathLike, result, model: torch.nn.Mo
 
 __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "ImportedCheckpoint", "MODEL_FILE", "PackedWeight",
-    "QDECCheckpoint", "QUANT_METHOD", "checkpoint_config", "model_file_metadata",
+    "QDECCheckpoint", "QUANT_METHOD", "checkpoint_config", "checkpoint_k_map", "k_for_linear",
+    "model_file_metadata",
     "quantization_config_block", "read_qdec_checkpoint", "read_quantization_config",
     "save_quantization_result", "verify_qdec_checkpoint",
-    "write_qdec_checkpoint",
+    "write_k_map", "write_qdec_checkpoint",
 ]

@@ -77,6 +77,7 @@ from ..formats import FormatError
 from ..formats.qdec_checkpoint import (
     QUANT_METHOD,
     PackedWeight,
+    k_for_linear,
     read_quantization_config,
     verify_qdec_checkpoint,
 )
@@ -126,15 +127,11 @@ def resolve_sm_budgets() -> dict[str, int]:
 
 def k_for(spec: KSpec, name: str, in_features: int) -> int:
     """Channels per token for checkpoint projection ``name`` (full HF name) with
-    ``in_features`` inputs: a mapping is looked up by full name, then by its last
-    component (``down_proj``; absent: 0); a float is a fraction (rounded as
-    :attr:`qdec.nn.QDECLinear.k` rounds), an int a count."""
-    if isinstance(spec, dict):
-        spec = spec.get(name, spec.get(name.rsplit(".", 1)[-1], 0))
-    k = round(spec * in_features) if isinstance(spec, float) else int(spec)
-    if not 0 <= k <= in_features:
-        raise ValueError(f"k for {name} must be in [0, {in_features}], got {k}")
-    return k
+    ``in_features`` inputs: the shared rule of
+    :func:`qdec.formats.qdec_checkpoint.k_for_linear` (a per-linear k map by
+    full name, a per-projection mapping by last component, a fraction or a
+    count)."""
+    return k_for_linear(spec, name, in_features)
 
 
 @register_quantization_config(QUANT_METHOD)

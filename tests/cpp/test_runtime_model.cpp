@@ -289,6 +289,32 @@ TEST_CASE("compensation changes the output and k=all beats k=0", "[model]") {
   CHECK_FALSE(at::allclose(a, b));
 }
 
+TEST_CASE("k from the checkpoint's quantization_config.k", "[model][k]") {
+  const std::string f = "ckpt/config.json";
+  // a per-linear k map (qdec allocate) beside a projection default: full names win
+  const auto j = nlohmann::json::parse(R"({"quantization_config": {"quant_method": "qdec",
+      "k": {"model.layers.0.self_attn.q_proj": 7, "q_proj": 0.5, "down_proj": 3}}})");
+  const KPolicy p = checkpoint_k_policy(j, f);
+  CHECK(p.for_layer("model.layers.0.self_attn.q_proj").resolve(64) == 7);
+  CHECK(p.for_layer("model.layers.1.self_attn.q_proj").resolve(64) == 32);
+  CHECK(p.for_layer("model.layers.1.mlp.down_proj").resolve(96) == 3);
+  CHECK(p.for_layer("model.layers.1.mlp.up_proj").resolve(64) == 0);  // absent = 0
+  CHECK(checkpoint_k_policy(nlohmann::json::parse(R"({"quantization_config": {"quant_method": "qdec",
+      "k": 0.05}})"), f).for_layer("x").resolve(576) == 29);
+  CHECK(checkpoint_k_policy(nlohmann::json::parse(R"({"quantization_config": {"quant_method": "qdec",
+      "k": 16}})"), f).for_layer("x").resolve(576) == 16);
+  // no block, another method, no k: 0 everywhere
+  for (const char* text : {R"({})", R"({"quantization_config": {"quant_method": "awq", "k": 5}})",
+                           R"({"quantization_config": {"quant_method": "qdec"}})"})
+    CHECK(checkpoint_k_policy(nlohmann::json::parse(text), f).for_layer("a.q_proj").resolve(64) == 0);
+  for (const char* text : {R"({"quantization_config": {"quant_method": "qdec", "k": 1.5}})",
+                           R"({"quantization_config": {"quant_method": "qdec", "k": -2}})",
+                           R"({"quantization_config": {"quant_method": "qdec", "k": "x"}})",
+                           R"({"quantization_config": {"quant_method": "qdec", "k": {"q_proj": true}}})"})
+    CHECK_THROWS_WITH(checkpoint_k_policy(nlohmann::json::parse(text), f),
+                      Catch::Matchers::StartsWith("ckpt/config.json: quantization_config.k"));
+}
+
 TEST_CASE("k values and per-layer overrides", "[model][k]") {
   CHECK(KValue::parse("16").resolve(576) == 16);
   CHECK(KValue::parse("0.05").resolve(576) == 29);  // 28.8

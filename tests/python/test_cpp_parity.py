@@ -425,3 +425,51 @@ def test_tune_config_parity(tiny, tmp_path):
     proc = run_infer("--model", str(tiny), "--ids", "1", "--tune-config", str(path),
                      "--tune-target", "5%", check=False)
     assert proc.returncode == 1 and "tuned.json: no target 5%; the file has [" in proc.stderr
+
+
+def test_budget_k_map_parity(tiny, tmp_path):
+    """A per-linear k map from qdec.budget, written in the tune format
+    (fractions k/K by full linear name), gives qdec_infer exactly the k of
+    each linear that the Python patch path uses."""
+    from qdec import budget as qb
+    from qdec import tune
+    from qdec.patch import configure, qdec_layers
+
+    model = python_model(tiny)
+    layers = dict(qdec_layers(model))
+    curves = {n: qb.GainCurve([0, m.in_features], [0, 1.0], m.fetched_bytes_per_channel,
+                              m.in_features) for n, m in layers.items()}
+    k_map = {n: (5 * i + 1) % 9 for i, n in enumerate(layers)}
+    path = tune.write_config(qb.tune_config_for({"2%": k_map}, curves), tmp_path / "kmap.json")
+    ids = [1, 100, 7, 300, 42, 9]
+    cpp_logits, cpp_tokens = cpp_greedy(tiny, ids, 12, tmp_path, "--tune-config", str(path),
+                                        "--tune-target", "2%")
+    configure(model, k=k_map)
+    py_logits, py_tokens = python_greedy(model, ids, 12)
+    assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens)
+
+
+def test_checkpoint_k_map_parity(tiny, tmp_path):
+    """A per-linear k map stored in the checkpoint (quantization_config.k, as
+    `qdec allocate` writes it) is what qdec_infer applies without --k, and
+    what qdec.patch.load_patched_checkpoint applies; --k replaces it."""
+    import shutil
+
+    from qdec.formats.qdec_checkpoint import write_k_map
+    from qdec.patch import configure, load_patched_checkpoint, qdec_layers
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt)
+    names = [n for n, _ in qdec_layers(python_model(tiny))]
+    k_map = {n: (3 * i + 2) % 11 for i, n in enumerate(names)}
+    write_k_map(ckpt, k_map)
+    assert {n: m.k for n, m in qdec_layers(load_patched_checkpoint(str(ckpt)))} == k_map
+    model = python_model(tiny)
+    configure(model, k=k_map)
+    ids = [1, 100, 7, 300, 42, 9]
+    cpp_logits, cpp_tokens = cpp_greedy(ckpt, ids, 12, tmp_path)
+    py_logits, py_tokens = python_greedy(model, ids, 12)
+    assert_greedy_agree(cpp_logits, cpp_tokens, py_logits, py_tokens)
+    cpp0_logits, cpp0_tokens = cpp_greedy(ckpt, ids, 12, tmp_path, "--k", "0")
+    py0_logits, py0_tokens = python_greedy(python_model(tiny, k=0), ids, 12)
+    assert_greedy_agree(cpp0_logits, cpp0_tokens, py0_logits, py0_tokens)

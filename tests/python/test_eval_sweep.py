@@ -94,3 +94,39 @@ def test_report_merges_files_and_refuses_mismatched_references(tiny, tmp_path):
     with pytest.raises(ValueError, match="not a qdec eval file"):
         load_results([tmp_path / "c.json"])
     assert log_gap_closed(10.0, 1000.0, 100.0) == pytest.approx(0.5)
+
+
+def test_run_eval_budget_uniform_vs_allocated(tiny, tmp_path):
+    """--budget: uniform and allocated k at equal bytes, on the evaluation and
+    the calibration text; the k maps as a tune config; the report's table and plot."""
+    from qdec.eval.report import write_report
+    from qdec.tune import load_config
+
+    cfg = EvalConfig(text=tiny, calib_text=tiny, seq_len=64, max_windows=2,
+                     variants=[Variant.parse("rtn:2:32")], fractions=[], policies=[],
+                     calib_samples=2, calib_len=32, progress=False,
+                     budgets=["5%", "3000B"], budget_calib_windows=1)
+    out = tmp_path / "eval.json"
+    results = run_eval(cfg, out)
+    b = results["variants"][0]["budget"]
+    assert [(r["budget"], r["allocation"]) for r in b["runs"]] == [
+        ("5%", "uniform"), ("5%", "allocated"), ("3000B", "uniform"), ("3000B", "allocated")]
+    for r in b["runs"]:
+        assert r["fetched_bytes_per_token"] <= r["budget_bytes"]
+        assert r["calib_ppl"] > 0 and "calib_gap_closed" in r
+    uniform5 = b["runs"][0]
+    assert uniform5["fetched_bytes_per_token"] == uniform5["budget_bytes"]  # 5 % exactly
+    assert b["runs"][1]["estimated_gain"] >= uniform5["estimated_gain"]
+    fractions = load_config(b["tune_config"], "5%")
+    assert {n: round(f * 64 if "down_proj" not in n else f * 160) for n, f in fractions.items()} \
+        == b["runs"][1]["k"]
+    written = write_report([out], tmp_path / "report")
+    assert written["budget_plot"].stat().st_size > 0
+    assert "| 5% | " in written["table"].read_text()
+
+
+def test_eval_cli_rejects_bad_budget(capsys):
+    from qdec.cli import main
+
+    assert main(["eval", "--budget", "150%", "--out", "/nonexistent/x.json"]) == 2
+    assert "budget fraction must be in [0, 1]" in capsys.readouterr().err

@@ -296,8 +296,11 @@ def test_allocate_cli_errors(tmp_path, capsys):
 
     assert main(["allocate", str(tmp_path), "--budget", "2%"]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
-    assert main(["allocate", str(tmp_path), "--budget", "x"]) == 2
-    assert "budget 'x' must be a fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it, naming the flag
+        main(["allocate", str(tmp_path), "--budget", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--budget" in err and "budget 'x' must be a fraction" in err
 
 
 def test_allocation_summary():

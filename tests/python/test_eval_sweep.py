@@ -128,5 +128,8 @@ def test_run_eval_budget_uniform_vs_allocated(tiny, tmp_path):
 def test_eval_cli_rejects_bad_budget(capsys):
     from qdec.cli import main
 
-    assert main(["eval", "--budget", "150%", "--out", "/nonexistent/x.json"]) == 2
-    assert "budget fraction must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it, naming the flag
+        main(["eval", "--budget", "150%", "--out", "/nonexistent/x.json"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--budget" in err and "budget fraction must be in [0, 1]" in err

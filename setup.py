@@ -68,6 +68,8 @@ def use_cuda() -> bool:
 # machine's) but -std=c++20 in 2.13 (CI's). nvcc refuses two -std flags, which
 # is why torch looks for one before adding its own.
 CXX_STD = "-std=c++20"
+# torch's Linux wheels use GNU OpenMP (libgomp), which -fopenmp links too.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def compile_args(cuda: bool) -> dict[str, list[str]]:
@@ -75,7 +77,11 @@ def compile_args(cuda: bool) -> dict[str, list[str]]:
     to compile the sources with the flags an older torch would pass."""
     debug = os.environ.get("QDEC_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    args = {"cxx": opt + [CXX_STD, "-fvisibility=hidden"]}
+    # OpenMP: at::parallel_for is a header template whose OpenMP backend is a
+    # `#pragma omp parallel`; compiled without -fopenmp it runs every loop on
+    # one thread, whatever torch.set_num_threads says. (So it did until this
+    # flag: the CPU kernels never used a second thread.)
+    args = {"cxx": opt + [CXX_STD, "-fvisibility=hidden"] + OPENMP_FLAGS}
     if cuda:
         args["nvcc"] = opt + [CXX_STD, "--threads", os.environ.get("NVCC_THREADS", "4"),
                               "-lineinfo", "--expt-relaxed-constexpr"]
@@ -107,10 +113,12 @@ def extensions():
                 include_dirs=include_dirs,
                 define_macros=[("QDEC_WITH_CUDA", "1")],
                 extra_compile_args=compile_args(cuda=True),
+                extra_link_args=OPENMP_FLAGS,
             )
         ]
     return [CppExtension("qdec._C", files, include_dirs=include_dirs,
-                         extra_compile_args=compile_args(cuda=False))]
+                         extra_compile_args=compile_args(cuda=False),
+                         extra_link_args=OPENMP_FLAGS)]
 
 
 def main() -> None:

@@ -200,6 +200,13 @@ def cpu_isa() -> str:
     return torch.ops.qdec.cpu_isa()
 
 
+def parallel_threads(work_items: int = 64) -> int:
+    """How many threads a parallel loop of the qdec CPU ops uses now: at most
+    ``torch.get_num_threads()``, and 1 if the extension was built without
+    OpenMP (then ``torch.set_num_threads`` cannot speed the ops up)."""
+    return torch.ops.qdec.parallel_threads(work_items)
+
+
 def set_cpu_isa(level: str) -> str:
     """Forces the CPU decode kernels' level for the whole process (``"auto"``
     = the best this CPU runs) and returns the previous one. A level the CPU

@@ -17,8 +17,13 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
 #include <exception>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "qdec/cpu_decode.h"
 
@@ -41,6 +46,20 @@ std::string set_cpu_isa(std::string level) {
     TORCH_CHECK(false, "qdec: set_cpu_isa: ", e.what());
   }
   return previous;
+}
+
+// Distinct threads that ran a parallel_for over `work_items` items of grain
+// 1: a diagnostic that the build's at::parallel_for really is parallel (an
+// extension compiled without OpenMP flags silently runs it on one thread).
+int64_t parallel_threads(int64_t work_items) {
+  TORCH_CHECK(work_items >= 1, "qdec: parallel_threads: work_items must be >= 1, got ", work_items);
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  at::parallel_for(0, work_items, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
 }
 
 }  // namespace
@@ -89,4 +108,6 @@ TORCH_LIBRARY(qdec, m) {
   // a level the CPU cannot run is an error naming the missing features.
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("set_cpu_isa(str level) -> str", &set_cpu_isa);
+  // Threads a parallel loop of the CPU ops actually uses (a build check).
+  m.def("parallel_threads(int work_items) -> int", &parallel_threads);
 }

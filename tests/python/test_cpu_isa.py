@@ -176,6 +176,23 @@ def test_thread_count_does_not_change_results():
     assert torch.equal(one, two)  # rows are independent: threads split rows only
 
 
+def test_parallel_loops_use_the_threads_torch_is_given():
+    """The build compiles the ops with OpenMP: without it at::parallel_for runs
+    on one thread whatever torch.set_num_threads says (it did, unnoticed, until
+    the benchmark showed 2 threads no faster than 1)."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert qdec.parallel_threads() == 1
+        if (os.cpu_count() or 1) >= 2:
+            torch.set_num_threads(2)
+            assert qdec.parallel_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="work_items must be >= 1"):
+        qdec.parallel_threads(0)
+
+
 # ---------------------------------------------------------------- the switch
 def test_cpu_isa_reports_a_level():
     assert torch.ops.qdec.cpu_isa() in ("scalar", "avx2", "avx512")

@@ -156,7 +156,21 @@ ModelConfig parse_model_config_unchecked(const json& j, const std::string& file)
 
 QdecSection parse_qdec_section_unchecked(const json& j, const std::string& file) {
   auto it = j.find("qdec");
-  if (it == j.end() || !it->is_object()) bad(file, "no 'qdec' section; not a QDEC checkpoint");  // the Python reader's words
+  if (it == j.end() || !it->is_object()) {
+    std::string msg = "no 'qdec' section; not a QDEC checkpoint";  // the Python reader's words
+    // A checkpoint of another quantization tool: say how to get a QDEC one
+    // (qdec eval / generate read these directly; this C++ loader does not).
+    const auto qc = j.find("quantization_config");
+    if (qc != j.end() && qc->is_object() && qc->contains("quant_method") &&
+        (*qc)["quant_method"].is_string()) {
+      const std::string method = (*qc)["quant_method"].get<std::string>();
+      if (method == "awq" || method == "gptq" || method == "compressed-tensors")
+        msg += " (quantization_config.quant_method is '" + method +
+               "': another tool's checkpoint; convert it with `qdec residual --quantized DIR "
+               "--reference ORIGINAL_MODEL_DIR --out OUT`, then run qdec_infer on OUT)";
+    }
+    bad(file, msg);
+  }
   const json& s = *it;
   QdecSection q;
   q.format_version = static_cast<int>(get_int(s, "format_version", file));

@@ -30,6 +30,7 @@ skipped with that reason; CI sets it.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -364,6 +365,17 @@ def test_errors_are_clear(tiny, tmp_path):
     assert proc.returncode == 1 and "outside the vocabulary" in proc.stderr
     proc = run_infer("--model", str(tiny), "--prompt", "hi", check=False)
     assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
+
+    # Another tool's checkpoint: refused with the way to convert it.
+    foreign = tmp_path / "gptq"
+    shutil.copytree(tiny, foreign)
+    cfg = json.loads((foreign / "config.json").read_text())
+    del cfg["qdec"]
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64}
+    (foreign / "config.json").write_text(json.dumps(cfg))
+    proc = run_infer("--model", str(foreign), "--ids", "1", check=False)
+    assert proc.returncode == 1 and "not a QDEC checkpoint" in proc.stderr
+    assert "quant_method is 'gptq'" in proc.stderr and "qdec residual --quantized" in proc.stderr
 
 
 def _set_bits(block: int, section: int):

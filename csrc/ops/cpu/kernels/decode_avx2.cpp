@@ -55,8 +55,10 @@ struct Vec {
     }
     Codes decode(const uint8_t* block) const { return {half(block), half(block + 2 * BITS)}; }
   };
-  // half() loads 16 bytes from byte 2*BITS: past the block for BITS < 8.
-  static constexpr bool kReadsPastBlock = true;
+  // Bytes decode reads from a block's start: half() loads 16 bytes from byte
+  // 2*BITS, past the block for BITS < 8 (two blocks further at BITS = 2).
+  template <int BITS>
+  static constexpr int kReadBytes = 2 * BITS + 16;
 
   using IAcc = __m256i;
   static IAcc zero_i() { return _mm256_setzero_si256(); }

@@ -52,7 +52,10 @@ struct Vec {
       return _mm512_srli_epi16(_mm512_mullo_epi16(v, multiplier), 16 - BITS);
     }
   };
-  static constexpr bool kReadsPastBlock = true;
+  // Bytes decode reads from a block's start (the next 1-3 blocks' too at
+  // BITS < 8).
+  template <int BITS>
+  static constexpr int kReadBytes = 32;
 
   using IAcc = __m512i;
   static IAcc zero_i() { return _mm512_setzero_si512(); }

@@ -10,10 +10,10 @@
 // V provides (a block is 32 codes of one packed row, bitpack.h):
 //   Codes                          one decoded block (codes as 16-bit lanes)
 //   template <int BITS> Decoder    Decoder(); Codes decode(const uint8_t* block) const
-//   static constexpr bool kReadsPastBlock
-//                                  decode may read up to 32 bytes from a block's start
-//                                  (bytes past the block are read but do not matter),
-//                                  so the matrix's last block goes through a copy
+//   template <int BITS> static constexpr int kReadBytes
+//                                  bytes decode reads from a block's start, up to 32
+//                                  (those past the block are read but do not matter),
+//                                  so the matrix's last blocks go through a copy
 //   IAcc, zero_i(), madd(IAcc, Codes, const int16_t* x32)  int32 sums of codes * x
 //   FAcc, zero_f(), fma(FAcc, IAcc, float), hsum(FAcc)
 //                                                          float32 sums
@@ -22,29 +22,43 @@
 //
 // The math, and why it is integer: csrc/include/qdec/cpu_decode.h.
 
-// A row's packed block c (bits*4 bytes), read in place, except the last block
-// of the matrix's last row when the decoder reads past a block's end: that
-// one goes through a zero-padded copy, since the bytes after it may not be
-// ours. (Past any other row's end lie the next row's codes: readable, and
-// ignored by the decoder. Copying every row's last block instead cost ~10 %
-// of a SmolLM2 decode step: it touched the row's end before its start, a
-// cache miss the streaming prefetcher had not covered.)
+// How many blocks at a row's end the decoder reads past the row from: block c
+// of `blocks` is unsafe when (blocks - c) * 4*BITS < kReadBytes (1-3 blocks:
+// at 2 bits a 32-byte load spans four 8-byte blocks).
+template <typename V, int BITS>
+constexpr int64_t overreading_tail_blocks() {
+  constexpr int block_bytes = 4 * BITS;
+  constexpr int over = V::template kReadBytes<BITS> - block_bytes;
+  return over <= 0 ? 0 : (over + block_bytes - 1) / block_bytes;
+}
+
+// A row's packed block c (bits*4 bytes), read in place, except the last
+// blocks of the matrix's last row from which the decoder would read past the
+// row's end: those go through a zero-padded copy, since the bytes after the
+// matrix may not be ours. (Past any other row's end lie the next row's codes:
+// readable, and ignored by the decoder. Copying every row's last block
+// instead cost ~10 % of a SmolLM2 decode step: it touched the row's end
+// before its start, a cache miss the streaming prefetcher had not covered.)
 template <typename V, int BITS>
 struct RowBlocks {
+  static constexpr int64_t kTail = overreading_tail_blocks<V, BITS>();
+  static_assert(kTail * 4 * BITS + 32 <= 64, "the tail copy must hold every byte decode reads");
   const uint8_t* row;
-  int64_t copied;  // index of the block read from `tail`; `blocks` (none) otherwise
+  int64_t copied;  // first block read from `tail`; `blocks` (none) otherwise
   alignas(64) uint8_t tail[64];
 
   RowBlocks(const uint32_t* words, int64_t blocks, bool last_row)
       : row(reinterpret_cast<const uint8_t*>(words)),
-        copied(V::kReadsPastBlock && last_row ? blocks - 1 : blocks) {
+        copied(last_row && kTail > 0 ? (blocks > kTail ? blocks - kTail : 0) : blocks) {
     if (copied < blocks) {
       for (int i = 0; i < 64; ++i) tail[i] = 0;
       const uint8_t* src = row + copied * 4 * BITS;
-      for (int i = 0; i < 4 * BITS; ++i) tail[i] = src[i];
+      for (int64_t i = 0; i < (blocks - copied) * 4 * BITS; ++i) tail[i] = src[i];
     }
   }
-  const uint8_t* block(int64_t c) const { return c == copied ? tail : row + c * 4 * BITS; }
+  const uint8_t* block(int64_t c) const {
+    return c >= copied ? tail + (c - copied) * 4 * BITS : row + c * 4 * BITS;
+  }
 };
 
 // sum_g scale[g] * zero[g] * xsum[g] with eight independent partial sums, so
@@ -213,7 +227,7 @@ void residual_codes_axpy(const ResidualStore& r, const int64_t* channels, const 
           __builtin_prefetch(next + byte, 0, 3);
       }
 #endif
-      if (V::kReadsPastBlock && c1 - 1 == row_blocks - 1 && channels[i] == r.K - 1) {
+      if (channels[i] == r.K - 1) {  // the store's last row: its end may need the copy
         const RowBlocks<V, BITS> rb(words, row_blocks, /*last_row=*/true);
         for (int64_t c = c0; c < c1; ++c) V::axpy(dec.decode(rb.block(c)), a, acc + c * 32);
       } else {

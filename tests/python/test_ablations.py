@@ -18,7 +18,7 @@ from qdec.eval import ablations as ab
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPECTED_NOTEBOOKS = ("01_k_sweep", "02_selection_policies", "03_residual_bits",
-                      "04_layer_gain", "05_matched_cost")
+                      "04_layer_gain", "05_matched_cost", "06_budget_allocation")
 
 
 @pytest.fixture(scope="module")

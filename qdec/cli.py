@@ -460,6 +460,20 @@ def _add_residual_parser(sub) -> None:
     p.set_defaults(func=cmd_residual)
 
 
+def add_calibration_args(p: argparse.ArgumentParser, samples: int) -> None:
+    """--calib, --calib-samples, --calib-len, --seed of a command that draws
+    calibration windows (quantize, allocate)."""
+    p.add_argument("--calib", default=str(A.DEFAULT_CALIB),
+                   help="calibration text, never the evaluation text (default: the WikiText-2 "
+                        "validation excerpt shipped with qdec; the full file is "
+                        "wikitext-2/valid.txt)")
+    p.add_argument("--calib-samples", type=A.int_at_least(1), default=samples,
+                   help="calibration windows")
+    p.add_argument("--calib-len", type=A.int_at_least(1), default=512,
+                   help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .tune import SHAPE_PRESETS
 
@@ -487,14 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
     p.add_argument("--residual-bits", type=A.residual_bits(allow_none=True), default=4,
                    help="bits of the residual store, 2..8; 0 for none")
-    p.add_argument("--calib", default=str(A.DEFAULT_CALIB),
-                   help="calibration text (default: the WikiText-2 validation excerpt shipped "
-                        "with qdec; the full file is wikitext-2/valid.txt)")
-    p.add_argument("--calib-samples", type=A.int_at_least(1), default=16,
-                   help="calibration windows")
-    p.add_argument("--calib-len", type=A.int_at_least(1), default=512,
-                   help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    add_calibration_args(p, samples=16)
     p.add_argument("--out", required=True,
                    help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -603,14 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="QDEC checkpoint directory (with tokenizer)")
     p.add_argument("--budget", type=A.budget_value, required=True,
                    help="2%% (the bytes of 2%% uniform) or 40000B (bytes per token)")
-    p.add_argument("--calib", default=str(A.DEFAULT_CALIB),
-                   help="calibration text, never the evaluation text (default: the WikiText-2 "
-                        "validation excerpt shipped with qdec)")
-    p.add_argument("--calib-samples", type=A.int_at_least(1), default=8,
-                   help="calibration windows")
-    p.add_argument("--calib-len", type=A.int_at_least(1), default=512,
-                   help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed")
+    add_calibration_args(p, samples=8)
     p.add_argument("--gain-measure", default="fisher", choices=["fisher", "fisher_full", "output"],
                    help="error measure of the gain curves (qdec.budget)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

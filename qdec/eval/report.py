@@ -108,8 +108,6 @@ def budget_table(results: dict) -> str:
 def plot_budget(results: dict, path: Path) -> None:
     """Perplexity against KiB fetched per token, uniform vs allocated, one
     panel per variant with budget runs."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,11 +132,9 @@ def plot_budget(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    from .sweep import save_figure
+
+    save_figure(fig, path)
 
 
 def write_report(paths: list[Path], out_prefix: Path) -> dict[str, Path]:

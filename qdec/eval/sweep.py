@@ -114,6 +114,19 @@ def write_json(obj: dict, path: Path) -> None:
     write_json_atomic(obj, path, overwrite=True)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file beside it, then
+    rename), creating the directory, and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def gap_closed(ref: float, quant: float, compensated: float) -> float:
     """Fraction of the reference-to-quantized perplexity gap closed (1 = all)."""
     return (quant - compensated) / (quant - ref) if quant != ref else float("nan")
@@ -336,8 +349,4 @@ def plot_results(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)

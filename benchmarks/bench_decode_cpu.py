@@ -155,13 +155,13 @@ def prompt_ids(infer: Path, ckpt: Path, prompt: str) -> list[int]:
 
 
 def run_qdec(infer: Path, ckpt: Path, ids: list[int], tokens: int, threads: int, k: str,
-             head_bits: int = 0) -> dict:
+             head_bits: int = 0, activations: str = "int16x2") -> dict:
     """One qdec_infer run; its --stats-json (decode wall and CPU seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.json"
         cmd = [str(infer), "--model", str(ckpt), "--ids", ",".join(map(str, ids)),
                "--max-new-tokens", str(tokens), "--ignore-eos", "--threads", str(threads),
-               "--k", k, "--lm-head-bits", str(head_bits),
+               "--k", k, "--lm-head-bits", str(head_bits), "--cpu-activations", activations,
                "--no-stream", "--quiet", "--stats-json", str(stats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
@@ -211,6 +211,7 @@ def run(args) -> dict:
     ks = [k.strip() for k in args.ks.split(",")]
     variants = [v.strip() for v in args.variants.split(",")]
     heads = [int(h) for h in args.lm_head_bits.split(",")]
+    acts = [a.strip() for a in args.cpu_activations.split(",")]
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
@@ -227,9 +228,10 @@ def run(args) -> dict:
         for v in variants:
             for k in ks:
                 for hb in heads:
-                    contenders.append((qdec_name(v, k, hb, t),
-                                       {"kind": "qdec", "variant": v, "k": k, "threads": t,
-                                        "lm_head_bits": hb}))
+                    for act in acts:
+                        contenders.append((qdec_name(v, k, hb, t, act),
+                                           {"kind": "qdec", "variant": v, "k": k, "threads": t,
+                                            "lm_head_bits": hb, "cpu_activations": act}))
     runs: dict[str, list[dict]] = {name: [] for name, _ in contenders}
     for rep in range(args.repeats):  # interleaved: every contender once per round
         for name, c in contenders:
@@ -237,7 +239,7 @@ def run(args) -> dict:
                 r = run_llama(args.llama_python, gguf, ids, args.tokens, c["threads"])
             else:
                 r = run_qdec(infer, ckpts[c["variant"]], ids, args.tokens, c["threads"], c["k"],
-                             c["lm_head_bits"])
+                             c["lm_head_bits"], c["cpu_activations"])
             runs[name].append(r)
             print(f"  round {rep + 1}/{args.repeats} {name:<28} "
                   f"{r['decode_steps'] / r['decode_s']:8.2f} tok/s  "
@@ -249,7 +251,7 @@ def run(args) -> dict:
         if c["kind"] == "llama":
             row["llama_cpp_python"] = runs[name][0].get("version")
         rows.append(row)
-    ratios = targets(rows, threads, variants, ks, heads)
+    ratios = targets(rows, threads, variants, ks, heads, acts)
     return {"meta": {"cpu": device_name("cpu"), "isa": cpu_isa(), "torch": torch.__version__,
                      "commit": git_commit(), "logical_cpus": os.cpu_count(),
                      "llama_cpp": llama_info, "gguf": str(gguf), "prompt": args.prompt,
@@ -261,13 +263,16 @@ def run(args) -> dict:
             "rows": rows, "targets": ratios}
 
 
-def qdec_name(variant: str, k: str, head_bits: int, threads: int) -> str:
-    """A qdec_infer contender's label; `head8` marks the 8-bit LM head."""
-    return f"qdec {variant} k={k}{' head8' if head_bits == 8 else ''} t{threads}"
+def qdec_name(variant: str, k: str, head_bits: int, threads: int,
+              activations: str = "int16x2") -> str:
+    """A qdec_infer contender's label; `head8` marks the 8-bit LM head,
+    `x:int16` the one-term activations (--cpu-activations int16)."""
+    return (f"qdec {variant} k={k}{' head8' if head_bits == 8 else ''}"
+            f"{' x:int16' if activations == 'int16' else ''} t{threads}")
 
 
 def targets(rows: list[dict], threads: list[int], variants: list[str], ks: list[str],
-            heads: list[int] = (0,)) -> list[dict]:
+            heads: list[int] = (0,), acts: list[str] = ("int16x2",)) -> list[dict]:
     """The issue's ratios, per thread count and LM head, from decode tokens/s
     (wall) and tokens per CPU-second: W4 g32 k=0 vs llama.cpp (>= 1.0), W3 g64
     vs W4 g32 (>= 1.0), k=0.02 vs k=0 per variant (>= 0.9). llama.cpp's GGUF
@@ -285,16 +290,16 @@ def targets(rows: list[dict], threads: list[int], variants: list[str], ks: list[
 
     k0 = ks[0]
     for t in threads:
-        for hb in heads:
-            h = " head8" if hb == 8 else ""
-            ratio(f"t{t}: W4 g32 k={k0}{h} / llama.cpp", qdec_name("w4g32", k0, hb, t),
+        for hb, act in ((hb, act) for hb in heads for act in acts):
+            h = (" head8" if hb == 8 else "") + (" x:int16" if act == "int16" else "")
+            ratio(f"t{t}: W4 g32 k={k0}{h} / llama.cpp", qdec_name("w4g32", k0, hb, t, act),
                   f"llama.cpp Q4_1 t{t}", 1.0)
-            ratio(f"t{t}: W3 g64 / W4 g32 (k={k0}{h})", qdec_name("w3g64", k0, hb, t),
-                  qdec_name("w4g32", k0, hb, t), 1.0)
+            ratio(f"t{t}: W3 g64 / W4 g32 (k={k0}{h})", qdec_name("w3g64", k0, hb, t, act),
+                  qdec_name("w4g32", k0, hb, t, act), 1.0)
             for v in variants:
                 for k in ks[1:]:
-                    ratio(f"t{t}: {v} k={k} / k={k0}{h}", qdec_name(v, k, hb, t),
-                          qdec_name(v, k0, hb, t), 0.9)
+                    ratio(f"t{t}: {v} k={k} / k={k0}{h}", qdec_name(v, k, hb, t, act),
+                          qdec_name(v, k0, hb, t, act), 0.9)
     return out
 
 
@@ -333,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-head-bits", default="0,8",
                    help="qdec_infer --lm-head-bits values: 0 = the stored float32 head, "
                         "8 = quantized at load like llama.cpp's Q8_0 head (default %(default)s)")
+    p.add_argument("--cpu-activations", default="int16x2,int16",
+                   help="qdec_infer --cpu-activations values: int16x2 = x as two int16 terms "
+                        "(float-grade, the default), int16 = one term (faster); "
+                        "default %(default)s")
     p.add_argument("--tokens", type=int, default=128, help="new tokens (default %(default)s)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--repeats", type=int, default=3,

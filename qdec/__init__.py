@@ -17,6 +17,7 @@ from . import _C  # noqa: F401  (loads the shared library: registers the ops)
 from . import ops
 from .ops import (
     compensated_linear,
+    cpu_activations,
     cpu_isa,
     dequantize,
     lowrank_linear,
@@ -24,6 +25,7 @@ from .ops import (
     parallel_threads,
     quantized_matmul,
     residual_gather,
+    set_cpu_activations,
     set_cpu_isa,
 )
 from .patch import configure
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compensated_linear",
     "configure",
+    "cpu_activations",
     "cpu_isa",
     "dequantize",
     "lowrank_linear",
@@ -44,5 +47,6 @@ __all__ = [
     "parallel_threads",
     "quantized_matmul",
     "residual_gather",
+    "set_cpu_activations",
     "set_cpu_isa",
 ]

@@ -191,19 +191,28 @@ def pinned_read_bandwidths(N: int = 4096, K: int = 14336, residual_bits: int = 4
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int,
-                        warmup: int = 1) -> dict[str, dict[str, float]]:
+                        warmup: int = 1,
+                        before: dict[str, Callable[[], object]] | None = None,
+                        ) -> dict[str, dict[str, float]]:
     """Median wall and CPU seconds of each callable, timed in ``rounds``
     rounds that call every one once, in turn: on a shared or throttling CPU
     the contenders then see the same machine state, so their ratios hold even
-    when absolute times drift. Returns ``{name: {"wall": s, "cpu": s}}``
-    (CPU time sums all threads of the process)."""
+    when absolute times drift. ``before[name]``, where given, runs untimed
+    right before each call of that contender (e.g. a process-wide setting it
+    needs). Returns ``{name: {"wall": s, "cpu": s}}`` (CPU time sums all
+    threads of the process)."""
+    before = before or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            if name in before:
+                before[name]()
             fn()
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if name in before:
+                before[name]()
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             wall[name].append(time.perf_counter() - t0)

@@ -200,6 +200,23 @@ def cpu_isa() -> str:
     return torch.ops.qdec.cpu_isa()
 
 
+def cpu_activations() -> str:
+    """How the CPU GEMV represents x for its integer dot products:
+    ``"int16x2"`` (two int16 terms per value, float-grade: the default) or
+    ``"int16"`` (one term: fewer multiply-adds, error at most max|x| / 65534
+    per span of 32-128 inputs, of the order of bfloat16 activations; see
+    csrc/include/qdec/cpu_decode.h). The environment variable
+    ``QDEC_CPU_ACTIVATIONS`` sets it at start-up."""
+    return torch.ops.qdec.cpu_activations()
+
+
+def set_cpu_activations(precision: str) -> str:
+    """Sets the CPU GEMV's activation precision (``"int16x2"`` or
+    ``"int16"``, see :func:`cpu_activations`) for the whole process and
+    returns the previous one; an unknown name raises RuntimeError."""
+    return torch.ops.qdec.set_cpu_activations(precision)
+
+
 def parallel_threads(work_items: int = 64) -> int:
     """How many threads a parallel loop of the qdec CPU ops uses now: at most
     ``torch.get_num_threads()``, and 1 if the extension was built without

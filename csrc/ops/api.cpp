@@ -65,6 +65,16 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& lowrank_a,
   return handle.call(x, lowrank_a, lowrank_b);
 }
 
+std::string set_cpu_activations(const std::string& precision) {
+  static auto handle = op<std::string(std::string)>("qdec::set_cpu_activations");
+  return handle.call(precision);
+}
+
+std::string cpu_activations() {
+  static auto handle = op<std::string()>("qdec::cpu_activations");
+  return handle.call();
+}
+
 bool ops_registered() {
   for (const char* name : {"qdec::dequantize", "qdec::quantized_matmul", "qdec::outlier_select",
                            "qdec::residual_gather", "qdec::compensated_linear",

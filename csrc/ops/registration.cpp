@@ -48,6 +48,25 @@ std::string set_cpu_isa(std::string level) {
   return previous;
 }
 
+// The CPU GEMV's activation precision (csrc/include/qdec/cpu_decode.h).
+std::string cpu_activations() {
+  try {
+    return qdec::cpu::activation_precision_name(qdec::cpu::activation_precision());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "qdec: ", e.what());
+  }
+}
+
+std::string set_cpu_activations(std::string precision) {
+  const std::string previous = cpu_activations();
+  try {
+    qdec::cpu::set_activation_precision(qdec::cpu::parse_activation_precision(precision.c_str()));
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "qdec: set_cpu_activations: ", e.what());
+  }
+  return previous;
+}
+
 // Distinct threads that ran a parallel_for over `work_items` items of grain
 // 1: a diagnostic that the build's at::parallel_for really is parallel (an
 // extension compiled without OpenMP flags silently runs it on one thread).
@@ -108,6 +127,12 @@ TORCH_LIBRARY(qdec, m) {
   // a level the CPU cannot run is an error naming the missing features.
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("set_cpu_isa(str level) -> str", &set_cpu_isa);
+  // How the CPU GEMV represents x: "int16x2" (two int16 terms per value,
+  // float-grade; default) or "int16" (one term: faster, error <= max|x|/65534
+  // per span of 32-128 inputs). QDEC_CPU_ACTIVATIONS sets it at start-up;
+  // set_cpu_activations returns the previous one.
+  m.def("cpu_activations() -> str", &cpu_activations);
+  m.def("set_cpu_activations(str precision) -> str", &set_cpu_activations);
   // Threads a parallel loop of the CPU ops actually uses (a build check).
   m.def("parallel_threads(int work_items) -> int", &parallel_threads);
 }

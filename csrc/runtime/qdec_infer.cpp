@@ -70,6 +70,10 @@ runtime
   --threads N            CPU threads for every parallel part of a step (the qdec
                          ops, attention, BLAS; at::set_num_threads, which also
                          caps OpenMP and MKL); default: libtorch's choice
+  --cpu-activations P    int16x2 (default): the CPU GEMV's x as two int16 terms,
+                         float-grade; int16: one term, faster (error <= max|x|/65534
+                         per span, about bfloat16's; near-tied outlier choices can
+                         differ from the float reference); as QDEC_CPU_ACTIVATIONS
   --lm-head-bits B       0 (default): the LM head as stored; 8: quantized at load
                          to 8-bit symmetric codes, one scale per 64 inputs (as
                          llama.cpp's Q8_0 head), read by the qdec GEMV: 4x fewer
@@ -103,6 +107,7 @@ struct Args {
   std::string device = "cpu", dtype = "float32";
   int threads = 0;
   int lm_head_bits = 0;
+  std::string cpu_activations;  // empty: QDEC_CPU_ACTIVATIONS or the default
 };
 
 int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo) {
@@ -190,6 +195,11 @@ Args parse_args(int argc, char** argv) {
         if (a.lm_head_bits != 0 && a.lm_head_bits != 8)
           usage_error("--lm-head-bits expects 0 (as stored) or 8, got " + std::to_string(a.lm_head_bits));
       }
+      else if (f == "--cpu-activations") {
+        a.cpu_activations = value();
+        if (a.cpu_activations != "int16x2" && a.cpu_activations != "int16")
+          usage_error("--cpu-activations expects int16x2 or int16, got \"" + a.cpu_activations + "\"");
+      }
       else if (f == "--dump-logits") a.dump_logits = value();
       else if (f == "--no-stream") a.stream = false;
       else if (f == "--quiet") a.quiet = true;
@@ -258,6 +268,7 @@ int run(const Args& args) {
   if (args.threads > 0) at::set_num_threads(args.threads);
   if (!qdec::ops_registered())
     throw std::runtime_error("the qdec operators are not registered (libqdec_ops linked without --no-as-needed?)");
+  if (!args.cpu_activations.empty()) qdec::set_cpu_activations(args.cpu_activations);
   const auto& d = args.device;
   const bool cuda_like = d == "cuda" || (d.rfind("cuda:", 0) == 0 && d.size() > 5 &&
                                          d.find_first_not_of("0123456789", 5) == std::string::npos);
@@ -396,10 +407,10 @@ int run(const Args& args) {
     std::snprintf(buf, sizeof buf,
                   "{\"prompt_tokens\": %zu, \"generated_tokens\": %zu, \"decode_steps\": %lld, "
                   "\"prefill_seconds\": %.6f, \"decode_seconds\": %.6f, \"decode_cpu_seconds\": %.6f, "
-                  "\"threads\": %d, \"os_threads\": %lld, \"peak_rss_mib\": %.1f, \"lm_head_bits\": %d}\n",
+                  "\"threads\": %d, \"os_threads\": %lld, \"peak_rss_mib\": %.1f, \"lm_head_bits\": %d, \"cpu_activations\": \"%s\"}\n",
                   prompt.size(), generated.size(), static_cast<long long>(decode_steps), prefill_s, decode_s,
                   decode_cpu_s, at::get_num_threads(), static_cast<long long>(os_threads), mib(peak),
-                  args.lm_head_bits);
+                  args.lm_head_bits, qdec::cpu_activations().c_str());
     js << buf;
   }
   if (!args.quiet) {

@@ -76,11 +76,12 @@ def make_layer(N: int, K: int, bits: int = 4, group_size: int = 32, symmetric: b
 
 def cpu_decode_atol(x: torch.Tensor, layer: Layer) -> torch.Tensor:
     """Per-output error bound [B, N] of the CPU decode kernels against the
-    float reference (derivation: csrc/include/qdec/cpu_decode.h).
+    float reference (derivation: csrc/include/qdec/cpu_decode.h), at the
+    activation precision in use (qdec.cpu_activations()).
 
     The kernels represent x per span by two int16 terms, |x_k - x^_k| <=
-    max_row|x| / 32767 / 65536, so the output moves by at most that times
-    sum_k |w_k|. On top, the
+    max_row|x| / 32767 / 65536 (int16x2), or by one, <= max_row|x| / 32767 / 2
+    (int16), so the output moves by at most that times sum_k |w_k|. On top, the
     two float32 sums sum_g s_g d sum q xq and sum_g s_g z_g X_g (each term up
     to s * 2^bits * |x|) round at 2^-24 per add; 2^-18 * sum_k s_k 2^bits |x_k|
     covers that with room. x is [B, K] on any device; the bound is on CPU."""
@@ -92,7 +93,10 @@ def cpu_decode_atol(x: torch.Tensor, layer: Layer) -> torch.Tensor:
     dense = ref.dequantize_ref(*args, layer.K).float()
     group = layer.K if layer.group_size == -1 else layer.group_size
     scale = expand_groups(args[1].float().abs(), group, layer.K)
-    rounding = xf.abs().amax(dim=1, keepdim=True) / 32767 / 65536 * dense.abs().sum(dim=1)
+    import qdec
+
+    x_step = 65536 if qdec.cpu_activations() == "int16x2" else 2
+    rounding = xf.abs().amax(dim=1, keepdim=True) / 32767 / x_step * dense.abs().sum(dim=1)
     sums = 2.0 ** -18 * (xf.abs() @ (scale * (1 << layer.bits)).t())
     return rounding + sums
 

@@ -7,6 +7,8 @@ compared within the bound derived in cpu_decode.h (conftest.cpu_decode_atol:
 max|x| * 4.7e-10 * sum|w| plus float32 rounding of the sums), plus the output
 dtype's rounding for fp16/bf16.
 Dequantize is the reference's float formula and must match bit for bit.
+With QDEC_CPU_ACTIVATIONS=int16 (one term) the bound is max|x| / 65534 *
+sum|w| instead (same helper: it reads the precision in use).
 """
 
 from __future__ import annotations
@@ -191,6 +193,83 @@ def test_parallel_loops_use_the_threads_torch_is_given():
         torch.set_num_threads(previous)
     with pytest.raises(RuntimeError, match="work_items must be >= 1"):
         qdec.parallel_threads(0)
+
+
+# ------------------------------------------------- activation precision int16
+@pytest.fixture
+def one_term():
+    """The GEMV with x as one int16 term per value (QDEC_CPU_ACTIVATIONS=int16)."""
+    previous = qdec.set_cpu_activations("int16")
+    yield
+    qdec.set_cpu_activations(previous)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("N,K,group_size", GEOMETRIES)
+def test_one_term_gemv_within_its_bound(level, one_term, bits, N, K, group_size):
+    # cpu_decode_atol reads the precision: max|x| / 65534 * sum|w| here.
+    layer = make_layer(N, K, bits, group_size, symmetric=bits == 4, seed=bits + K)
+    for batch in (1, 3, 4, 16):
+        x = torch.randn(batch, K)
+        got = qdec.quantized_matmul(x, *layer.weight_args())
+        assert_matmul_close(got, ref.quantized_matmul_ref(x, *layer.weight_args()), x, layer, 0.0)
+
+
+def test_one_term_outliers_zero_spans_and_nan(level, one_term):
+    layer = make_layer(16, 512, 4, 128)
+    x = torch.randn(3, 512) * 0.01
+    x[0, 5] = 300.0
+    x[1, 128:256] = 0.0
+    x[2, 7] = float("nan")
+    got = qdec.quantized_matmul(x, *layer.weight_args())
+    assert_matmul_close(got[:2], ref.quantized_matmul_ref(x[:2], *layer.weight_args()), x[:2],
+                        layer, 0.0)
+    assert got[2].isnan().all()
+
+
+def test_one_term_is_coarser_but_close(level):
+    # The two precisions differ by at most the one-term bound, and the
+    # default (two terms) is tighter: a check that the switch takes effect.
+    layer = make_layer(64, 1024, 4, 32)
+    x = torch.randn(2, 1024)
+    x[:, 3] = 50.0  # an outlier makes the one-term step coarse
+    want = ref.quantized_matmul_ref(x, *layer.weight_args())
+    two = qdec.quantized_matmul(x, *layer.weight_args())
+    previous = qdec.set_cpu_activations("int16")
+    try:
+        assert qdec.cpu_activations() == "int16"
+        one = qdec.quantized_matmul(x, *layer.weight_args())
+        assert_matmul_close(one, want, x, layer, 0.0)
+    finally:
+        qdec.set_cpu_activations(previous)
+    assert (two - want).abs().max() < (one - want).abs().max()
+    # k = 0 compensation is still exactly the GEMV at either precision.
+    assert torch.equal(qdec.compensated_linear(x, *layer.weight_args(), *layer.residual_args(), 0),
+                       two)
+
+
+def test_set_cpu_activations_rejects_unknown_names():
+    with pytest.raises(RuntimeError, match="expected one of int16x2, int16"):
+        qdec.set_cpu_activations("int8")
+    assert qdec.cpu_activations() == "int16x2"
+
+
+def test_activations_environment_variable():
+    code = ("import torch, qdec; from qdec.packing import pack_codes; "
+            "q = pack_codes(torch.randint(0, 16, (8, 64)), 4); s = torch.rand(8, 2); "
+            "qdec.quantized_matmul(torch.randn(1, 64), q, s, None, 4, 32); "
+            "print(qdec.cpu_activations())")
+    for value, want in (("int16", "int16"), ("", "int16x2")):
+        env = dict(os.environ, QDEC_CPU_ACTIVATIONS=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == want
+    env = dict(os.environ, QDEC_CPU_ACTIVATIONS="int4")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "QDEC_CPU_ACTIVATIONS: unknown CPU activation precision 'int4'" in out.stderr
 
 
 # ---------------------------------------------------------------- the switch

@@ -31,6 +31,16 @@
 // summation order.) tests/python/test_cpu_isa.py checks the bound for every
 // level, bit width and group size.
 //
+// Activation precision (QDEC_CPU_ACTIVATIONS, set_activation_precision):
+//   int16x2  (default) the two terms above: float-grade, |x - x^| <= d / 65536;
+//   int16    the high term only: |x - x^| <= d / 2 = max_span|x| / 65534.
+// int16 halves the integer multiply-adds and, at G = 32, the per-span
+// converts and FMAs (the decode's bound: cpu_decode.h's "why integers" and
+// decode_loops.h), for an error still 64x below llama.cpp's int8 blocks and
+// of the order of bfloat16 activations (2^-9 of each value) when a span holds
+// no outlier. The cost is the flips above: near-tied outlier selections can
+// differ from the float reference, so bit-exact parity tests use int16x2.
+//
 // Why integers: decoding a code to float costs a widening, a convert and an
 // FMA per value; with int16 x a 16-bit lane feeds vpmaddwd directly, so two
 // multiply-adds per 16 codes replace four conversions and two FMAs, and
@@ -60,12 +70,26 @@ struct LowBitWeight {
   int64_t N, K, G, groups, words_per_row;
 };
 
+// How x is represented for the integer dot products (see above).
+enum class ActivationPrecision : int { kInt16x2 = 0, kInt16 = 1 };
+
+// The precision in use: QDEC_CPU_ACTIVATIONS (int16x2 | int16, default
+// int16x2) when first asked, or set_activation_precision's.
+ActivationPrecision activation_precision();
+void set_activation_precision(ActivationPrecision precision);
+const char* activation_precision_name(ActivationPrecision precision);
+// Parses "int16x2" | "int16"; throws std::invalid_argument naming the
+// accepted values otherwise.
+ActivationPrecision parse_activation_precision(const char* name);
+
 // x[B, K] prepared for the integer dot products (see the math above).
 struct QuantizedActivations {
   const int16_t* xq;       // [B, blocks, 2, 32]: per block 32 high then 32 low terms, zero past K
+                           // (the low terms are all zero when terms == 1)
   const float* span_scale; // [B, spans]: d of each span
   const float* group_sum;  // [B, groups]: X_g of the quantized x
   int64_t B, blocks, span, spans, spans_per_group, groups;
+  int terms;               // 2 (int16x2) or 1 (int16: the kernels may skip the low terms)
 };
 
 // Span length for a weight geometry: the largest of 128/64/32 that divides
@@ -79,7 +103,8 @@ inline int64_t activation_spans(int64_t K, int64_t span) {
 }
 
 // Fills xq [B, blocks*64], span_scale [B, spans], group_sum [B, groups] from
-// float32 x [B, K] (row-major) and returns the view of them. A span holding a
+// float32 x [B, K] (row-major) at activation_precision() and returns the
+// view of them. A span holding a
 // NaN or infinity gets a NaN scale, so every output it touches is NaN, as in
 // float arithmetic.
 QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, int64_t G,

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 namespace qdec {
 
@@ -34,6 +35,11 @@ at::Tensor compensated_linear(const at::Tensor& x, const at::Tensor& qweight,
 // (x @ lowrank_b^T) @ lowrank_a^T: x [*, K], lowrank_a [N, r], lowrank_b [r, K].
 at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& lowrank_a,
                           const at::Tensor& lowrank_b);
+
+// Sets the CPU GEMV's activation precision ("int16x2" or "int16", see
+// registration.cpp) for the whole process and returns the previous one.
+std::string set_cpu_activations(const std::string& precision);
+std::string cpu_activations();
 
 // True when every qdec schema is registered in this process: false means the
 // ops library was linked without --no-as-needed and its registrations never ran.

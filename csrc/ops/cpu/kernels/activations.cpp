@@ -3,9 +3,13 @@
 // C++: it is O(B*K), small beside the O(N*K) weight decode, but it runs once
 // per linear and token, so it avoids divisions and library calls.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "qdec/cpu_decode.h"
 
@@ -80,6 +84,48 @@ RowParams row_params(const LowBitWeight& w, int64_t n, float* scale_buf, float* 
   return {scale, zero_buf};
 }
 
+namespace {
+
+ActivationPrecision initial_precision() {
+  const char* env = std::getenv("QDEC_CPU_ACTIVATIONS");
+  if (env == nullptr || *env == '\0') return ActivationPrecision::kInt16x2;
+  try {
+    return parse_activation_precision(env);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("QDEC_CPU_ACTIVATIONS: ") + e.what());
+  }
+}
+
+// -1 = not chosen yet (an atomic int, as the ISA level in isa.cpp).
+std::atomic<int> g_precision{-1};
+
+}  // namespace
+
+ActivationPrecision parse_activation_precision(const char* name) {
+  const std::string s(name);
+  if (s == "int16x2") return ActivationPrecision::kInt16x2;
+  if (s == "int16") return ActivationPrecision::kInt16;
+  throw std::invalid_argument("unknown CPU activation precision '" + s +
+                              "'; expected one of int16x2, int16");
+}
+
+const char* activation_precision_name(ActivationPrecision precision) {
+  return precision == ActivationPrecision::kInt16 ? "int16" : "int16x2";
+}
+
+ActivationPrecision activation_precision() {
+  int v = g_precision.load(std::memory_order_acquire);
+  if (v < 0) {
+    v = static_cast<int>(initial_precision());
+    g_precision.store(v, std::memory_order_release);
+  }
+  return static_cast<ActivationPrecision>(v);
+}
+
+void set_activation_precision(ActivationPrecision precision) {
+  g_precision.store(static_cast<int>(precision), std::memory_order_release);
+}
+
 QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, int64_t G,
                                           int64_t groups, int16_t* xq, float* span_scale,
                                           float* group_sum) {
@@ -89,6 +135,7 @@ QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, 
   const int64_t spans = activation_spans(K, span);
   // With one group the row is one group of many spans; otherwise G / span.
   const int64_t spans_per_group = groups <= 1 ? spans : G / span;
+  const bool two_terms = activation_precision() == ActivationPrecision::kInt16x2;
   for (int64_t b = 0; b < B; ++b) {
     const float* xr = x + b * K;
     int16_t* qr = xq + b * stride;
@@ -139,8 +186,11 @@ QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, 
           // in units of d / 32768 (|.| <= 16384 + rounding). Both exact int16.
           const double v = static_cast<double>(xr[k]);
           const double hi = std::min(std::max((v * inv_step + kRound) - kRound, -32767.0), 32767.0);
-          const double lo = std::min(
-              std::max(((v - hi * step) * inv_lo_step + kRound) - kRound, -32767.0), 32767.0);
+          const double lo =
+              two_terms ? std::min(std::max(((v - hi * step) * inv_lo_step + kRound) - kRound,
+                                            -32767.0),
+                                   32767.0)
+                        : 0.0;
           const int64_t c = k / 32, i = k % 32;
           qr[c * 64 + i] = static_cast<int16_t>(hi);
           qr[c * 64 + 32 + i] = static_cast<int16_t>(lo);
@@ -155,8 +205,8 @@ QuantizedActivations quantize_activations(const float* x, int64_t B, int64_t K, 
       gr[g] += finite ? static_cast<float>(sum) : dr[sp];
     }
   }
-  return QuantizedActivations{xq, span_scale, group_sum, B, blocks, span, spans, spans_per_group,
-                              groups};
+  return QuantizedActivations{xq,    span_scale, group_sum,       B,      blocks,
+                              span,  spans,      spans_per_group, groups, two_terms ? 2 : 1};
 }
 
 }  // namespace qdec::cpu

@@ -97,12 +97,14 @@ inline void span_factors(const float* scale, const QuantizedActivations& x, int6
 
 // Over span sp's blocks, the integer dots of the codes with x's high and low
 // int16 terms, then tot_hi[t] += factor * high, tot_lo[t] += factor * low
-// (the caller scales tot_lo by 1/32768 once; cpu_decode.h).
+// (the caller scales tot_lo by 1/32768 once; cpu_decode.h). TERMS = 1
+// (activation precision int16) skips the low terms: half the multiply-adds
+// and per-span converts and FMAs.
 // How far ahead in the code stream span_dot prefetches. Measured on
 // Sapphire Rapids, qdec_infer SmolLM2 W4 g32 (rows of 288 bytes), one thread:
 // 46 tokens per CPU-second without, 55-56 with any of 512..4096 bytes.
 constexpr int64_t kPrefetchAhead = 1024;
-template <typename V, int BITS, int BT>
+template <typename V, int BITS, int BT, int TERMS>
 inline void span_dot(const RowBlocks<V, BITS>& rb, const typename V::template Decoder<BITS>& dec,
                      const QuantizedActivations& x, int64_t b0, int64_t sp, const float* factors,
                      typename V::FAcc (&tot_hi)[BT], typename V::FAcc (&tot_lo)[BT]) {
@@ -116,7 +118,7 @@ inline void span_dot(const RowBlocks<V, BITS>& rb, const typename V::template De
     for (int t = 0; t < BT; ++t) {
       const int16_t* xb = x.xq + (b0 + t) * stride + c * 64;
       hi[t] = V::madd(hi[t], q, xb);
-      lo[t] = V::madd(lo[t], q, xb + 32);
+      if constexpr (TERMS == 2) lo[t] = V::madd(lo[t], q, xb + 32);
     }
   };
   // Only the matrix's last block may need the padded copy (RowBlocks); the
@@ -135,7 +137,7 @@ inline void span_dot(const RowBlocks<V, BITS>& rb, const typename V::template De
   for (int t = 0; t < BT; ++t) {
     const float f = factors[t * x.spans + sp];
     tot_hi[t] = V::fma(tot_hi[t], hi[t], f);
-    tot_lo[t] = V::fma(tot_lo[t], lo[t], f);
+    if constexpr (TERMS == 2) tot_lo[t] = V::fma(tot_lo[t], lo[t], f);
   }
 }
 
@@ -143,7 +145,7 @@ inline void span_dot(const RowBlocks<V, BITS>& rb, const typename V::template De
 // go to two register accumulators per x row, so no FMA waits on another
 // (with G = 32 every block is a span, and one accumulator's FMA latency would
 // set the pace).
-template <typename V, int BITS, int BT>
+template <typename V, int BITS, int BT, int TERMS>
 inline void gemv_row_tile(const RowBlocks<V, BITS>& rb, const typename V::template Decoder<BITS>& dec,
                           const float* scale, const float* zero, const QuantizedActivations& x,
                           int64_t b0, int64_t n, int64_t N, float* y, float* factors) {
@@ -151,7 +153,7 @@ inline void gemv_row_tile(const RowBlocks<V, BITS>& rb, const typename V::templa
   typename V::FAcc tot_hi[BT], tot_lo[BT];
   for (int t = 0; t < BT; ++t) tot_hi[t] = tot_lo[t] = V::zero_f();
   for (int64_t sp = 0; sp < x.spans; ++sp)
-    span_dot<V, BITS, BT>(rb, dec, x, b0, sp, factors, tot_hi, tot_lo);
+    span_dot<V, BITS, BT, TERMS>(rb, dec, x, b0, sp, factors, tot_hi, tot_lo);
   for (int t = 0; t < BT; ++t) {
     const float* xsum = x.group_sum + (b0 + t) * x.groups;
     y[(b0 + t) * N + n] = (V::hsum(tot_hi[t]) + V::hsum(tot_lo[t]) * (1.f / 32768.f)) -
@@ -162,7 +164,7 @@ inline void gemv_row_tile(const RowBlocks<V, BITS>& rb, const typename V::templa
 // Decoding is the expensive part, so x rows go in tiles of 4 (then 2, 1) that
 // share each decoded block; 4 keeps the accumulators in registers on AVX2.
 // `params` holds 2 * groups + 4 * spans floats.
-template <typename V, int BITS>
+template <typename V, int BITS, int TERMS>
 void gemv_rows(const LowBitWeight& w, const QuantizedActivations& x, int64_t n_begin,
                int64_t n_end, float* y, float* params) {
   const typename V::template Decoder<BITS> dec;
@@ -174,12 +176,12 @@ void gemv_rows(const LowBitWeight& w, const QuantizedActivations& x, int64_t n_b
     const RowBlocks<V, BITS> rb(w.qweight + n * w.words_per_row, x.blocks, n == w.N - 1);
     int64_t b0 = 0;
     for (; b0 + 4 <= x.B; b0 += 4)
-      gemv_row_tile<V, BITS, 4>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
+      gemv_row_tile<V, BITS, 4, TERMS>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
     if (b0 + 2 <= x.B) {
-      gemv_row_tile<V, BITS, 2>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
+      gemv_row_tile<V, BITS, 2, TERMS>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
       b0 += 2;
     }
-    if (b0 < x.B) gemv_row_tile<V, BITS, 1>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
+    if (b0 < x.B) gemv_row_tile<V, BITS, 1, TERMS>(rb, dec, scale, zero, x, b0, n, w.N, y, factors);
   }
 }
 
@@ -277,7 +279,12 @@ void gemv_entry(const LowBitWeight& w, const QuantizedActivations& x, int64_t n0
                 float* y) {
   // Row parameters in float32 (scales, zeros) and span factors, reused for every row.
   float* params = row_scratch(2 * w.groups + 4 * x.spans);
-  with_bits(w.bits, [&]<int BITS>() { gemv_rows<V, BITS>(w, x, n0, n1, y, params); });
+  with_bits(w.bits, [&]<int BITS>() {
+    if (x.terms == 1)
+      gemv_rows<V, BITS, 1>(w, x, n0, n1, y, params);
+    else
+      gemv_rows<V, BITS, 2>(w, x, n0, n1, y, params);
+  });
 }
 
 template <typename V>

@@ -4,8 +4,7 @@
 // Decoding a whole 32-value block of any width 2..8 in one register: a plain
 // 32-byte load (the row's last block goes through a padded copy, RowBlocks);
 // one VBMI byte permute puts the two bytes holding value i into 16-bit lane i;
-// a multiply by 2^(16 - shift_i - BITS) and a shift right by 16 - BITS leave
-// the code (see decode_avx2.cpp for why that works). A masked load of exactly
+// a per-lane shift right and a mask leave the code. A masked load of exactly
 // the block's 4*BITS bytes needs no copy but measured 2x slower on Sapphire
 // Rapids (the whole GEMV: 9.8 ms vs 5.6 ms at 14336x4096 W4 g128, one thread).
 // VNNI's vpdpwssd fuses the multiply-add and the accumulate (vpmaddwd + vpaddd).
@@ -33,23 +32,28 @@ struct Vec {
 
   template <int BITS>
   struct Decoder {
-    __m512i permute, multiplier;
+    __m512i permute, shifts, mask;
     Decoder() {
       alignas(64) uint8_t perm[64];
-      alignas(64) uint16_t mul[32];
+      alignas(64) uint16_t shift[32];
       for (int i = 0; i < 32; ++i) {
-        const int bit = BITS * i, byte = bit >> 3, shift = bit & 7;
+        const int bit = BITS * i, byte = bit >> 3;
         perm[2 * i] = static_cast<uint8_t>(byte);
         perm[2 * i + 1] = static_cast<uint8_t>(byte + 1);  // <= 32: a zero byte of the load
-        mul[i] = static_cast<uint16_t>(1u << (16 - shift - BITS));
+        shift[i] = static_cast<uint16_t>(bit & 7);
       }
       permute = _mm512_load_si512(perm);
-      multiplier = _mm512_load_si512(mul);
+      shifts = _mm512_load_si512(shift);
+      mask = _mm512_set1_epi16(static_cast<int16_t>((1 << BITS) - 1));
     }
+    // Lane i holds the byte pair starting at bit BITS*i; a per-lane shift
+    // right by (BITS*i) mod 8 and a mask leave code i. (A multiply to the top
+    // and a shift down did the same, but both run on port 0, which the
+    // multiply-adds also need; the AND can issue on port 5.)
     Codes decode(const uint8_t* block) const {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
       const __m512i v = _mm512_permutexvar_epi8(permute, _mm512_zextsi256_si512(raw));
-      return _mm512_srli_epi16(_mm512_mullo_epi16(v, multiplier), 16 - BITS);
+      return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), mask);
     }
   };
   // Bytes decode reads from a block's start (the next 1-3 blocks' too at

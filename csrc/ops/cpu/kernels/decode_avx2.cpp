@@ -74,6 +74,7 @@ struct Vec {
   static FAcc fma(FAcc acc, IAcc v, float s) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(s), acc);
   }
+  static FAcc fma_f(FAcc a, float s, FAcc b) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), b); }
   static float hsum(FAcc v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -72,6 +72,7 @@ struct Vec {
   static FAcc fma(FAcc acc, IAcc v, float s) {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(s), acc);
   }
+  static FAcc fma_f(FAcc a, float s, FAcc b) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), b); }
   static float hsum(FAcc v) { return _mm512_reduce_add_ps(v); }
 
   // Codes [16h, 16h + 16) as float32.

@@ -15,7 +15,8 @@
 //                                  (those past the block are read but do not matter),
 //                                  so the matrix's last blocks go through a copy
 //   IAcc, zero_i(), madd(IAcc, Codes, const int16_t* x32)  int32 sums of codes * x
-//   FAcc, zero_f(), fma(FAcc, IAcc, float), hsum(FAcc)
+//   FAcc, zero_f(), fma(FAcc, IAcc, float), fma_f(FAcc a, float s, FAcc b) = a*s + b,
+//   hsum(FAcc)
 //                                                          float32 sums
 //   axpy(const Codes&, float a, float* out32)               out += a * codes
 //   dequantize(const Codes&, float zero, float scale, float* out, int len)
@@ -203,8 +204,10 @@ inline void gemv_row_tile(const RowBlocks<V, BITS>& rb, const typename V::templa
     span_dot<V, BITS, BT, TERMS>(rb, dec, x, b0, sp, factors, tot_hi, tot_lo);
   for (int t = 0; t < BT; ++t) {
     const float* xsum = x.group_sum + (b0 + t) * x.groups;
-    y[(b0 + t) * N + n] = (V::hsum(tot_hi[t]) + V::hsum(tot_lo[t]) * (1.f / 32768.f)) -
-                          zero_term(scale, zero, xsum, x.groups);
+    // One horizontal sum per row: the low terms folded in lane by lane first.
+    const typename V::FAcc both =
+        TERMS == 2 ? V::fma_f(tot_lo[t], 1.f / 32768.f, tot_hi[t]) : tot_hi[t];
+    y[(b0 + t) * N + n] = V::hsum(both) - zero_term(scale, zero, xsum, x.groups);
   }
 }
 

@@ -39,9 +39,10 @@ def keep_freed_memory() -> bool:
     Each pass allocates a window's logits (2048 x 49152 float32 = 400 MB for
     SmolLM2) and other buffers above glibc's mmap threshold; unmapped on free,
     they are page-faulted and zeroed again by the kernel in the next pass. In
-    the README main job that was ~9 of ~100 CPU seconds of system time. Peak
-    memory is unchanged: freed blocks are reused, not added. Returns whether
-    the settings took (False off glibc)."""
+    the README main job system time fell from 6.5 to 2.6 CPU-s
+    (benchmarks/results/main_job_cpu.json) and peak RSS stayed 2.8 GB: freed
+    blocks are reused, not added. Returns whether the settings took (False
+    off glibc)."""
     import ctypes
     import ctypes.util
 

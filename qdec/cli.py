@@ -224,6 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.model and _foreign_format(args.model):
         return _eval_foreign(args)
+    from .eval.perplexity import keep_freed_memory
     from .eval.sweep import EvalConfig, plot_results, run_eval
 
     A.check_model_path("--model", args.model)
@@ -251,6 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         load_targets(cfg.tune_config, cfg.tune_targets)
     out = Path(args.out)
+    keep_freed_memory()
     results = run_eval(cfg, out)
     if cfg.policies and cfg.fractions:
         plot_results(results, out.with_suffix(".png"))

@@ -205,20 +205,50 @@ def configure(model: nn.Module, k: int | float | Mapping[str, int | float] | Non
             layer.compensate_prefill = compensate_prefill
 
 
+class InputAbsSums:
+    """Per linear, the running sum of ``|x|`` of each input channel over
+    calibration tokens: the static policy's statistic. Shared by
+    :func:`static_channels_from_calibration` and the quantization pipeline's
+    propagated run (:attr:`qdec.quant.pipeline.QuantizationResult.input_abs_mean`),
+    so both rank channels from the same sums."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, name: str, x: Tensor) -> None:
+        """Add the tokens of ``x [..., K]`` (in the linear's input order)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sums[name] = self.sums.get(name, 0) + x.abs().sum(0)
+        self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+
+    def means(self) -> dict[str, Tensor]:
+        return {name: s / self.tokens[name] for name, s in self.sums.items()}
+
+
+def set_static_rankings(model: nn.Module, means: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rank each QDECLinear's input channels by mean ``|x|`` (``means``: name ->
+    float ``[K]`` in the original input order), most salient first, and set
+    them as its static channels. Returns the rankings (int64 ``[K]``, in the
+    layer's packed column order)."""
+    rankings = {}
+    for name, layer in qdec_layers(model):
+        # layer_input permutes the last dimension: the means of the permuted
+        # input are the permuted means.
+        rankings[name] = layer.layer_input(means[name]).argsort(descending=True)
+        layer.set_static_channels(rankings[name])
+    return rankings
+
+
 @torch.no_grad()
 def static_channels_from_calibration(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
     """Rank each QDECLinear's input channels by mean ``|x|`` over calibration
-    tokens (the *static* baseline: channels chosen once, offline) and set them
-    on the layers. Returns the rankings (int64 ``[K]``, most salient first)."""
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name, layer in qdec_layers(model):
-        def hook(mod, args, name=name):
-            x = mod.layer_input(args[0].detach()).reshape(-1, mod.in_features).float()
-            sums[name] = sums.get(name, 0) + x.abs().sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        hooks.append(layer.register_forward_pre_hook(hook))
+    tokens (the *static* baseline: channels chosen once, offline), run through
+    the model with ``k = 0``, and set them on the layers
+    (:func:`set_static_rankings`). Returns the rankings."""
+    sums = InputAbsSums()
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: sums.add(name, args[0]))
+             for name, layer in qdec_layers(model)]
     try:
         saved = {n: (m.k, m.simulate_dense) for n, m in qdec_layers(model)}
         configure(model, k=0)
@@ -230,9 +260,6 @@ def static_channels_from_calibration(model: nn.Module, input_ids: Tensor) -> dic
     finally:
         for h in hooks:
             h.remove()
-    rankings = {}
     for name, layer in qdec_layers(model):
         layer.k, layer.simulate_dense = saved[name]
-        rankings[name] = (sums[name] / counts[name]).argsort(descending=True)
-        layer.set_static_channels(rankings[name])
-    return rankings
+    return set_static_rankings(model, sums.means())

@@ -22,7 +22,7 @@ import torch
 
 from ..benchmarking import device_name, git_commit
 from ..formats.safetensors_io import write_json_atomic
-from ..patch import configure, patch, static_channels_from_calibration
+from ..patch import configure, patch, set_static_rankings, static_channels_from_calibration
 
 DEFAULT_TEXT = "../shared/data/wikitext-2-raw/wiki.test.raw"
 DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
@@ -195,7 +195,13 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
         patch(qmodel, qres.packed(), k=0)
         configure(qmodel, simulate_dense=True, compensate_prefill=True)
         if "static" in cfg.policies:
-            static_channels_from_calibration(qmodel, calib)
+            # The quantization's propagated calibration run saw every linear's
+            # input in this model at k = 0: rank from it rather than run the
+            # calibration windows through the model again.
+            if qres.input_abs_mean:
+                set_static_rankings(qmodel, qres.input_abs_mean)
+            else:
+                static_channels_from_calibration(qmodel, calib)
         base = ppl(qmodel, variant.label)
         entry = {"variant": dataclasses.asdict(variant), "label": variant.label,
                  "quantize_seconds": round(qres.seconds, 1),

@@ -49,7 +49,7 @@ import dataclasses
 import resource
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,9 @@ from .gptq import HessianAccumulator, quantize_gptq
 from .grid import QuantizedWeight, check_group_size
 from .residual import dequantize_residual, pack_residual, residual_scale_search
 from .rtn import quantize_rtn
+
+if TYPE_CHECKING:
+    from ..patch import InputAbsSums
 
 METHODS = ("rtn", "awq", "gptq")
 
@@ -128,6 +131,12 @@ class QuantizationResult:
     awq: dict[str, AWQLayerResult]
     layer_seconds: dict[str, float]
     seconds: float
+    # Mean |x| per input channel of each linear (float32 [K], original input
+    # order) over the calibration tokens as the quantized model (k = 0) sees
+    # them: recorded by the propagated run (propagate="quantized"), empty
+    # otherwise. The static policy's ranking (qdec.patch.set_static_rankings)
+    # without a second calibration pass.
+    input_abs_mean: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
     def packed(self) -> dict:
         """``{name: PackedLinear}`` for :func:`qdec.patch.patch`."""
@@ -336,7 +345,8 @@ class LayerOptions:
 @torch.no_grad()
 def quantize_decoder_layer(layer: nn.Module, prefix: str, hidden: Tensor | None,
                            kwargs: dict | None, opts: LayerOptions, result: "QuantizationResult",
-                           note: Callable[[str], None] | None = None) -> Tensor | None:
+                           note: Callable[[str], None] | None = None,
+                           input_sums: "InputAbsSums | None" = None) -> Tensor | None:
     """Quantize the 7 linears of one decoder layer (already on its processing
     device) and return the calibration hidden states for the next layer.
 
@@ -349,6 +359,8 @@ def quantize_decoder_layer(layer: nn.Module, prefix: str, hidden: Tensor | None,
         result: receives the :class:`LinearResult` of each linear (and, for AWQ,
             the layer's search result and scaled norm weights).
         note: optional ``callable(str)`` for progress messages.
+        input_sums: receives the linears' inputs of the propagated quantized
+            run (``propagate="quantized"``), under their qualified names.
 
     Returns:
         The next layer's input (quantized or FP outputs, per ``opts.propagate``),
@@ -428,7 +440,8 @@ def quantize_decoder_layer(layer: nn.Module, prefix: str, hidden: Tensor | None,
         if opts.propagate == "fp":
             hidden = fp_out
         else:
-            hidden = _run_with_weights(layer, quantized, hidden, kwargs, batch_size)
+            hidden = _run_with_weights(layer, quantized, hidden, kwargs, batch_size,
+                                       input_sums, prefix)
     del inputs, fp_out
     return hidden
 
@@ -504,8 +517,13 @@ def quantize_model(
                                 {}, {}, {}, {}, 0.0)
 
     hidden = kwargs = None
+    input_sums = None
     if calib_ids is not None:
         hidden, kwargs = capture_layer_inputs(model, calib_ids, batch_size)
+        if propagate == "quantized":
+            from ..patch import InputAbsSums
+
+            input_sums = InputAbsSums()
     last = max(selected) if selected else -1
     bar = range(last + 1)
     if progress:
@@ -527,9 +545,12 @@ def quantize_model(
             layer.to(home)
             continue
         prefix = f"model.layers.{i}"
-        hidden = quantize_decoder_layer(layer, prefix, hidden, kwargs, opts, result, note)
+        hidden = quantize_decoder_layer(layer, prefix, hidden, kwargs, opts, result, note,
+                                        input_sums)
         layer.to(home)
         result.layer_seconds[prefix] = time.perf_counter() - layer_start
+    if input_sums is not None:
+        result.input_abs_mean = input_sums.means()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -553,16 +574,23 @@ def _to_device(obj, device):
 
 
 def _run_with_weights(layer: nn.Module, weights: dict[str, QuantizedWeight], hidden: Tensor,
-                      kwargs: dict, batch_size: int) -> Tensor:
-    """Layer output with the given linears temporarily replaced by ``W_hat``."""
-    saved = {}
+                      kwargs: dict, batch_size: int, input_sums: "InputAbsSums | None" = None,
+                      prefix: str = "") -> Tensor:
+    """Layer output with the given linears temporarily replaced by ``W_hat``;
+    their inputs are added to ``input_sums`` (as ``<prefix>.<name>``) if given."""
+    saved, hooks = {}, []
     try:
         for name, qw in weights.items():
             lin = layer.get_submodule(name)
             saved[name] = lin.weight.data
             lin.weight.data = qw.dequantize(torch.float32).to(lin.weight.dtype)
+            if input_sums is not None:
+                hooks.append(lin.register_forward_pre_hook(
+                    lambda mod, args, qname=f"{prefix}.{name}": input_sums.add(qname, args[0])))
         return _run_layer(layer, hidden, kwargs, batch_size)
     finally:
+        for h in hooks:
+            h.remove()
         for name, w in saved.items():
             layer.get_submodule(name).weight.data = w
 

@@ -69,13 +69,9 @@ def residual_scale_search(residual: Tensor, bits: int = 4, grid_points: int = 32
         c3 = cand[:, :, None]
         q = torch.div(r, c3).round_().clamp_(-qmax, qmax)
         err = q.mul_(c3).sub_(r).square_().sum(2)  # [grid, n], per candidate as before
-        # First strictly better candidate wins, in grid order (ties keep the earlier).
-        best_err = torch.full_like(max_scale, float("inf"))
-        best_scale = max_scale.clone()
-        for g in range(grid_points):
-            better = err[g] < best_err
-            best_err = torch.where(better, err[g], best_err)
-            best_scale = torch.where(better, cand[g], best_scale)
+        # The smallest error wins, ties to the earlier candidate in grid order:
+        # argmin returns the first minimum (errors are finite, the input is).
+        best_scale = cand.gather(0, err.argmin(0, keepdim=True))[0]
         q = torch.round(r / best_scale[:, None]).clamp_(-qmax, qmax)
         best_scale = torch.where(empty, torch.zeros_like(best_scale), best_scale)
         codes[r0:r0 + rows_per_chunk] = q.to(torch.int8)

@@ -135,3 +135,39 @@ def test_output_errors_gram_equals_direct():
     assert direct == pytest.approx(via_gram, rel=1e-4)
     manual = ((flat @ (w - hats[0]).t()).square().sum() / (flat @ w.t()).square().sum()).item()
     assert direct[0] == pytest.approx(manual, rel=1e-5)
+
+
+@pytest.mark.parametrize("method,kwargs", [("rtn", {}), ("awq", {"awq_n_grid": 5}),
+                                           ("gptq", {"gptq_act_order": True})])
+def test_input_abs_mean_is_the_static_statistic(method, kwargs, ids):
+    """The propagated run's mean |x| per linear equals what
+    static_channels_from_calibration measures on the patched model (k = 0), so
+    qdec eval can rank static channels without a second calibration pass."""
+    from qdec.patch import (InputAbsSums, configure, qdec_layers, set_static_rankings,
+                            static_channels_from_calibration)
+
+    model = tiny_llama()
+    res = quantize_model(model, method, 3, 32, calib_ids=ids, progress=False, **kwargs)
+    assert list(res.input_abs_mean) == NAMES
+    patch(model, res.packed(), k=0)
+    configure(model, simulate_dense=True, compensate_prefill=True)
+    measured = InputAbsSums()
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: measured.add(n, a[0]))
+             for n, m in qdec_layers(model)]
+    with torch.no_grad():
+        for row in ids:
+            model.get_decoder()(row.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    for name, mean in measured.means().items():
+        if method == "gptq":  # act-order: W_hat's columns permuted, sums in another order
+            torch.testing.assert_close(res.input_abs_mean[name], mean, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(res.input_abs_mean[name], mean), name
+    if method != "gptq":
+        from_pipeline = set_static_rankings(model, res.input_abs_mean)
+        from_pass = static_channels_from_calibration(model, ids)
+        assert all(torch.equal(from_pipeline[n], from_pass[n]) for n in NAMES)
+    fp = quantize_model(tiny_llama(), method, 3, 32, calib_ids=ids, progress=False,
+                        propagate="fp", **kwargs)
+    assert fp.input_abs_mean == {}

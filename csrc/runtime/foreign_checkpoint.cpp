@@ -1,5 +1,7 @@
 #include "foreign_checkpoint.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
@@ -469,17 +471,21 @@ at::Tensor unpack_dense_rows(const at::Tensor& words_in, int bits, int64_t cols)
   const auto* src = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   uint8_t* dst = out.data_ptr<uint8_t>();
   const uint32_t mask = (1u << bits) - 1u;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint32_t* row = src + r * W;
-    for (int64_t i = 0; i < cols; ++i) {
-      const int64_t bit = i * bits;
-      const int64_t w = bit >> 5;
-      const int sh = static_cast<int>(bit & 31);
-      uint32_t v = row[w] >> sh;
-      if (sh + bits > 32) v |= row[w + 1] << (32 - sh);  // straddles into the next word
-      dst[r * cols + i] = static_cast<uint8_t>(v & mask);
+  // Rows are independent: split them over threads (a 7B model converts a few
+  // billion codes at load).
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t* row = src + r * W;
+      for (int64_t i = 0; i < cols; ++i) {
+        const int64_t bit = i * bits;
+        const int64_t w = bit >> 5;
+        const int sh = static_cast<int>(bit & 31);
+        uint32_t v = row[w] >> sh;
+        if (sh + bits > 32) v |= row[w + 1] << (32 - sh);  // straddles into the next word
+        dst[r * cols + i] = static_cast<uint8_t>(v & mask);
+      }
     }
-  }
+  });
   return out;
 }
 
@@ -494,16 +500,18 @@ at::Tensor pack_qdec_rows(const at::Tensor& codes_in, int bits) {
   auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   const uint8_t* src = codes.data_ptr<uint8_t>();
   const uint32_t mask = (1u << bits) - 1u;
-  for (int64_t r = 0; r < rows; ++r) {
-    uint32_t* row = dst + r * W;
-    for (int64_t i = 0; i < cols; ++i) {
-      const uint32_t v = src[r * cols + i] & mask;
-      const int64_t bit = i * bits;
-      const int sh = static_cast<int>(bit & 31);
-      row[bit >> 5] |= v << sh;
-      if (sh + bits > 32) row[(bit >> 5) + 1] |= v >> (32 - sh);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint32_t* row = dst + r * W;
+      for (int64_t i = 0; i < cols; ++i) {
+        const uint32_t v = src[r * cols + i] & mask;
+        const int64_t bit = i * bits;
+        const int sh = static_cast<int>(bit & 31);
+        row[bit >> 5] |= v << sh;
+        if (sh + bits > 32) row[(bit >> 5) + 1] |= v >> (32 - sh);
+      }
     }
-  }
+  });
   return out;
 }
 
@@ -517,11 +525,13 @@ at::Tensor unpack_awq_rows(const at::Tensor& words_in) {
   at::Tensor out = at::empty({rows, W * 8}, at::kByte);
   const auto* src = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   uint8_t* dst = out.data_ptr<uint8_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < W; ++c) {
-      const uint32_t w = src[r * W + c];
-      for (int i = 0; i < 8; ++i) dst[r * W * 8 + 8 * c + kOrder[i]] = static_cast<uint8_t>((w >> (4 * i)) & 0xF);
-    }
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < W; ++c) {
+        const uint32_t w = src[r * W + c];
+        for (int i = 0; i < 8; ++i) dst[r * W * 8 + 8 * c + kOrder[i]] = static_cast<uint8_t>((w >> (4 * i)) & 0xF);
+      }
+  });
   return out;
 }
 

@@ -32,7 +32,7 @@ set_target_properties(qdec_runtime_core PROPERTIES POSITION_INDEPENDENT_CODE ON)
 target_compile_options(qdec_runtime_core PRIVATE -Wall -Wextra)
 
 add_library(qdec_runtime STATIC
-  ${_rt}/safetensors.cpp ${_rt}/checkpoint.cpp ${_rt}/model.cpp ${_rt}/decode_cpu.cpp
+  ${_rt}/safetensors.cpp ${_rt}/checkpoint.cpp ${_rt}/foreign_checkpoint.cpp ${_rt}/model.cpp ${_rt}/decode_cpu.cpp
   ${_rt}/sampling.cpp)
 target_link_libraries(qdec_runtime PUBLIC qdec_runtime_core qdec_ops ${TORCH_LIBRARIES})
 set_target_properties(qdec_runtime PROPERTIES POSITION_INDEPENDENT_CODE ON)

@@ -373,6 +373,13 @@ def _generate_foreign(args: argparse.Namespace) -> int:
     from .formats.foreign import convert_without_residual
 
     fmt = _foreign_format(args.checkpoint)
+    if args.k or args.tune_config:
+        # as check_checkpoint_k refuses --k > 0 on a QDEC checkpoint without a
+        # residual store (and qdec_infer on this directory): not silently dropped
+        raise ValueError(f"--k/--tune-config ask for k > 0, but {args.checkpoint} is a {fmt} "
+                         f"checkpoint with no residual store, so only k = 0 runs; add one with "
+                         f"qdec residual --quantized {args.checkpoint} --reference <original HF "
+                         f"model dir> --out <dir>")
     print(f"{args.checkpoint}: {fmt} checkpoint, no residual store; running the "
           f"quantized model alone (k = 0). To compensate, add a residual store from the "
           f"original weights: qdec residual --quantized {args.checkpoint} --reference "

@@ -1,8 +1,10 @@
 #include "checkpoint.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 
+#include "foreign_checkpoint.h"
 #include "json_util.h"
 
 namespace qdec::runtime {
@@ -156,21 +158,9 @@ ModelConfig parse_model_config_unchecked(const json& j, const std::string& file)
 
 QdecSection parse_qdec_section_unchecked(const json& j, const std::string& file) {
   auto it = j.find("qdec");
-  if (it == j.end() || !it->is_object()) {
-    std::string msg = "no 'qdec' section; not a QDEC checkpoint";  // the Python reader's words
-    // A checkpoint of another quantization tool: say how to get a QDEC one
-    // (qdec eval / generate read these directly; this C++ loader does not).
-    const auto qc = j.find("quantization_config");
-    if (qc != j.end() && qc->is_object() && qc->contains("quant_method") &&
-        (*qc)["quant_method"].is_string()) {
-      const std::string method = (*qc)["quant_method"].get<std::string>();
-      if (method == "awq" || method == "gptq" || method == "compressed-tensors")
-        msg += " (quantization_config.quant_method is '" + method +
-               "': another tool's checkpoint; convert it with `qdec residual --quantized DIR "
-               "--reference ORIGINAL_MODEL_DIR --out OUT`, then run qdec_infer on OUT)";
-    }
-    bad(file, msg);
-  }
+  // (Another tool's checkpoint never gets here: Checkpoint::load reads it
+  // with foreign_checkpoint.h.)
+  if (it == j.end() || !it->is_object()) bad(file, "no 'qdec' section; not a QDEC checkpoint");  // the Python reader's words
   const json& s = *it;
   QdecSection q;
   q.format_version = static_cast<int>(get_int(s, "format_version", file));
@@ -196,15 +186,6 @@ QdecSection parse_qdec_section_unchecked(const json& j, const std::string& file)
     q.quantized_modules.push_back(m.get<std::string>());
   }
   return q;
-}
-
-// Python's repr() of a JSON scalar, so these messages read exactly as the
-// Python reader's (qdec.formats.qdec_checkpoint), which formats values with !r.
-std::string py_repr(const json& v) {
-  if (v.is_null()) return "None";
-  if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
-  if (v.is_string()) return "'" + v.get<std::string>() + "'";
-  return v.dump();
 }
 
 // config.json's quantization_config block with quant_method "qdec" (what vLLM
@@ -247,6 +228,8 @@ void Checkpoint::load() {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   raw_config = parse_json_limited(read_text_file(cfg_path), cfg_path, 64);
   config = parse_model_config(raw_config, cfg_path);
+  if (const ForeignFormat kind = detect_foreign_format(raw_config, dir); kind != ForeignFormat::None)
+    return load_foreign(kind, cfg_path);
   qdec = parse_qdec_section(raw_config, cfg_path);
   check_quantization_config_block(raw_config, cfg_path);
 
@@ -329,6 +312,43 @@ void Checkpoint::load() {
     throw LoadError(K::BadConfig, cfg_path, "",
                     "residual.safetensors is present but qdec.residual_bits is null");
   }
+}
+
+namespace {
+// The weights of another tool's directory, found as the Python readers find
+// them (safetensors_io.load_state_dict_dir): model.safetensors, else the
+// directory's only .safetensors file. Sharded weights are not read here yet.
+std::string foreign_weights_path(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  if (fs::is_regular_file(single)) return single.string();
+  if (fs::exists(fs::path(dir) / "model.safetensors.index.json"))
+    throw LoadError(K::Io, (fs::path(dir) / "model.safetensors.index.json").string(), "",
+                    "sharded weights are not read by qdec_infer yet; merge the shards into one "
+                    "model.safetensors (or run the directory with qdec generate)");
+  std::vector<std::string> found;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.is_regular_file() && e.path().extension() == ".safetensors") found.push_back(e.path().filename().string());
+  std::sort(found.begin(), found.end());
+  if (found.size() == 1) return (fs::path(dir) / found.front()).string();
+  std::string list;
+  for (const auto& f : found) list += (list.empty() ? "" : ", ") + f;
+  throw LoadError(K::Io, dir, "", "no model.safetensors (safetensors files present: " +
+                                      (list.empty() ? std::string("none") : list) + ")");
+}
+}  // namespace
+
+void Checkpoint::load_foreign(ForeignFormat kind, const std::string& config_path) {
+  model = std::make_shared<SafetensorsFile>(foreign_weights_path(dir));
+  auto converted = std::make_shared<ForeignCheckpoint>(read_foreign_checkpoint(kind, dir, raw_config, config_path, *model));
+  // Described as a QDEC checkpoint without a residual store (k = 0 only).
+  qdec.format_version = kCheckpointFormatVersion;
+  qdec.method = converted->format;
+  for (const auto& [name, linear] : converted->linears) {
+    layers.emplace(name, linear.meta);
+    qdec.quantized_modules.push_back(name);
+  }
+  foreign = std::move(converted);
 }
 
 std::string Checkpoint::tokenizer_path() const {

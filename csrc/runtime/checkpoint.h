@@ -67,10 +67,17 @@ struct QuantLayerMeta {
 ModelConfig parse_model_config(const nlohmann::json& j, const std::string& file);
 QdecSection parse_qdec_section(const nlohmann::json& j, const std::string& file);
 
+struct ForeignCheckpoint;  // foreign_checkpoint.h
+enum class ForeignFormat;
+
 class Checkpoint {
  public:
   // Reads config.json and maps model.safetensors (+ residual.safetensors when
   // the config declares one); validates the metadata. Throws LoadError.
+  // Another tool's checkpoint (AutoAWQ / GPTQ / compressed-tensors, see
+  // foreign_checkpoint.h) is read too: its quantized linears are converted to
+  // the QDEC layout (`foreign`), `layers` and `qdec` describe them as a QDEC
+  // checkpoint without a residual store would.
   explicit Checkpoint(const std::string& dir);
 
   std::string dir;
@@ -80,12 +87,15 @@ class Checkpoint {
   std::map<std::string, QuantLayerMeta> layers;
   std::shared_ptr<SafetensorsFile> model;
   std::shared_ptr<SafetensorsFile> residual;  // null without a residual store
+  // Another tool's checkpoint, converted; null for a QDEC checkpoint.
+  std::shared_ptr<const ForeignCheckpoint> foreign;
 
   bool is_quantized(const std::string& name) const { return layers.count(name) != 0; }
   std::string tokenizer_path() const;  // "" when the directory has none
 
  private:
   void load();
+  void load_foreign(ForeignFormat kind, const std::string& config_path);
 };
 
 }  // namespace qdec::runtime

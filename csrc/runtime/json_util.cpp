@@ -84,4 +84,11 @@ std::string read_text_file(const std::string& path) {
   return ss.str();
 }
 
+std::string py_repr(const nlohmann::json& v) {
+  if (v.is_null()) return "None";
+  if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
+  if (v.is_string()) return "'" + v.get<std::string>() + "'";
+  return v.dump();
+}
+
 }  // namespace qdec::runtime

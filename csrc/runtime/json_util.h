@@ -23,4 +23,8 @@ nlohmann::json parse_json_limited(std::string_view text, const std::string& file
 // Reads a whole (small) file into a string; LoadError(Io) on failure.
 std::string read_text_file(const std::string& path);
 
+// Python's repr() of a JSON scalar (None, True, 'text', 3), so messages about
+// config values read exactly as the Python readers', which format them with !r.
+std::string py_repr(const nlohmann::json& v);
+
 }  // namespace qdec::runtime

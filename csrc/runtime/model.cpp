@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "decode_cpu.h"
+#include "foreign_checkpoint.h"
 #include "qdec/ops.h"
 
 namespace qdec::runtime {
@@ -214,11 +215,21 @@ LlamaModel::LlamaModel(const Checkpoint& ckpt, const RuntimeOptions& options)
     const auto& m = meta_it->second;
     if (m.in_features != in || m.out_features != out)
       throw LoadError(K::WrongShape, f.path(), name,
-                      "metadata says [" + std::to_string(m.out_features) + ", " + std::to_string(m.in_features) +
-                          "] but the model config needs [" + std::to_string(out) + ", " + std::to_string(in) + "]");
+                      std::string(ckpt.foreign ? "the quantized tensors say [" : "metadata says [") +
+                          std::to_string(m.out_features) + ", " + std::to_string(m.in_features) + "] but the model config needs [" + std::to_string(out) + ", " + std::to_string(in) + "]");
     l.quantized = true;
     l.bits = m.bits;
     l.group_size = m.group_size;
+    if (ckpt.foreign) {
+      // Another tool's layer, converted at load (foreign_checkpoint.h) into the
+      // tensors a QDEC checkpoint would hold; no residual store.
+      const ConvertedLinear& cl = ckpt.foreign->linears.at(name);
+      l.qweight = cl.qweight.to(dev);
+      l.scales = cl.scales.to(dev, dt);  // scales/zeros in the activation dtype, as below
+      if (cl.zeros) l.zeros = cl.zeros->to(dev, dt);
+      if (cl.input_perm) l.input_perm = cl.input_perm->to(dev);
+      return l;
+    }
     const int64_t groups = m.group_size == -1 ? 1 : ceil_div(in, m.group_size);
     const std::string geom = "N=" + std::to_string(out) + ", K=" + std::to_string(in) +
                              ", bits=" + std::to_string(m.bits) + ", group_size=" + std::to_string(m.group_size);

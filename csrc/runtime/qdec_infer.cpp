@@ -20,6 +20,7 @@
 
 #include "qdec/ops.h"
 #include "runtime/checkpoint.h"
+#include "runtime/foreign_checkpoint.h"
 #include "runtime/model.h"
 #include "runtime/sampling.h"
 #include "runtime/tokenizer.h"
@@ -34,6 +35,8 @@ const char* kUsage = R"(usage: qdec_infer --model DIR (--prompt TEXT | --prompt-
 
 Generates text from a QDEC checkpoint directory (config.json, model.safetensors,
 residual.safetensors, tokenizer.json) with libtorch and the qdec operators.
+Another tool's directory (AutoAWQ GEMM, GPTQ, compressed-tensors pack-quantized)
+runs too, at k = 0: it has no residual store (qdec residual adds one).
 
 input
   --model DIR            checkpoint directory
@@ -280,8 +283,34 @@ int run(const Args& args) {
   std::optional<Tokenizer> tok;
   const auto t_load0 = Clock::now();
   Checkpoint ckpt(args.model);
+  if (ckpt.foreign) {
+    // No residual store: k = 0 only, as `qdec generate DIR` runs it. A k > 0
+    // asked for is refused rather than silently dropped.
+    bool wants_k = args.k.all.value > 0 || !args.tune_config.empty();
+    for (const auto& [name, value] : args.k.overrides) wants_k |= value.value > 0;
+    if (wants_k)
+      throw std::runtime_error("--k/--k-for/--tune-config ask for k > 0, but " + args.model + " is a " +
+                               foreign_tool_name(ckpt.foreign->kind) +
+                               " checkpoint with no residual store, so only k = 0 runs; add one with qdec residual "
+                               "--quantized " + args.model + " --reference <original HF model dir> --out <dir>");
+    for (const auto& note : ckpt.foreign->notes) std::cerr << "qdec_infer: warning: " << note << "\n";
+    std::cerr << "qdec_infer: " << foreign_k0_message(args.model, ckpt.foreign->kind) << "\n";
+  }
   std::string tok_path = args.tokenizer.empty() ? ckpt.tokenizer_path() : args.tokenizer;
-  if (!tok_path.empty()) tok = Tokenizer::from_file(tok_path);
+  if (!tok_path.empty()) {
+    if (args.have_ids && args.tokenizer.empty()) {
+      // With --ids the directory's tokenizer only turns the output into text:
+      // one this runtime cannot read (e.g. a word-level one) is no reason to
+      // refuse the run; the token ids are printed instead.
+      try {
+        tok = Tokenizer::from_file(tok_path);
+      } catch (const LoadError& e) {
+        if (!args.quiet) std::cerr << "qdec_infer: warning: " << e.what() << "; printing token ids instead of text\n";
+      }
+    } else {
+      tok = Tokenizer::from_file(tok_path);
+    }
+  }
   if (args.have_prompt && !tok)
     throw std::runtime_error(args.model + ": no tokenizer.json; pass --tokenizer FILE or --ids");
 

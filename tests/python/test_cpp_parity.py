@@ -366,16 +366,6 @@ def test_errors_are_clear(tiny, tmp_path):
     proc = run_infer("--model", str(tiny), "--prompt", "hi", check=False)
     assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
 
-    # Another tool's checkpoint: refused with the way to convert it.
-    foreign = tmp_path / "gptq"
-    shutil.copytree(tiny, foreign)
-    cfg = json.loads((foreign / "config.json").read_text())
-    del cfg["qdec"]
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64}
-    (foreign / "config.json").write_text(json.dumps(cfg))
-    proc = run_infer("--model", str(foreign), "--ids", "1", check=False)
-    assert proc.returncode == 1 and "not a QDEC checkpoint" in proc.stderr
-    assert "quant_method is 'gptq'" in proc.stderr and "qdec residual --quantized" in proc.stderr
 
 
 def _set_bits(block: int, section: int):
@@ -485,3 +475,202 @@ def test_checkpoint_k_map_parity(tiny, tmp_path):
     cpp0_logits, cpp0_tokens = cpp_greedy(ckpt, ids, 12, tmp_path, "--k", "0")
     py0_logits, py0_tokens = python_greedy(python_model(tiny, k=0), ids, 12)
     assert_greedy_agree(cpp0_logits, cpp0_tokens, py0_logits, py0_tokens)
+
+
+# ---------------------------------------------------- other tools' checkpoints ---
+# qdec_infer reads AutoAWQ / GPTQ / compressed-tensors directories directly
+# (csrc/runtime/foreign_checkpoint.cpp), at k = 0. The reference is the Python
+# path of `qdec generate DIR`: the Python reader's conversion
+# (qdec.formats.foreign.read_quantized_checkpoint) run by the patched model.
+# Both sides then run the same kernels on the same converted weights, so the
+# logits differ by float32 summation order only (seen <= 1e-6 on these tiny
+# models); a single wrong code, zero or permutation would move them by far
+# more than TOOL_ATOL.
+
+TOOLS = Path(__file__).resolve().parents[1] / "data" / "tools"
+TOOL_DIRS = sorted(p.name for p in TOOLS.iterdir() if p.is_dir() and p.name != "tiny-llama"
+                   and (p / "expected.safetensors").is_file())
+TOOL_ATOL = 1e-4
+TOOL_STEPS = 16
+
+
+def python_tool_greedy(tool_dir: Path, ids: list[int], steps: int, tmp: Path):
+    from qdec.formats.foreign import read_quantized_checkpoint
+
+    out = tmp / f"py_{tool_dir.name}"
+    read_quantized_checkpoint(tool_dir).write(out)
+    return python_greedy(python_model(out), ids, steps)
+
+
+def tool_ids(n: int = 12) -> list[int]:
+    from safetensors.torch import load_file
+
+    return load_file(str(TOOLS / "gptqmodel-w4g64" / "expected.safetensors"))["input_ids"][0, :n].tolist()
+
+
+def assert_tool_parity(tool_dir: Path, tmp: Path, *extra: str) -> float:
+    ids = tool_ids()
+    cpp_logits, cpp_tokens = cpp_greedy(tool_dir, ids, TOOL_STEPS, tmp, *extra)
+    py_logits, py_tokens = python_tool_greedy(tool_dir, ids, TOOL_STEPS, tmp)
+    assert cpp_tokens == py_tokens
+    err = (cpp_logits - py_logits).abs().max().item()
+    assert err <= TOOL_ATOL, f"{tool_dir.name}: max |dlogit| {err:.3g}"
+    return err
+
+
+def test_tool_dirs_present():
+    assert {"autoawq-gemm-w4g64", "gptqmodel-w3g64-act", "gptqmodel-w4g64",
+            "llmcompressor-w4a16-gptq", "llmcompressor-w4a16-gptq-w8-sym-channel"} <= set(TOOL_DIRS)
+
+
+@pytest.mark.parametrize("tool", TOOL_DIRS)
+def test_tool_checkpoint_parity(tool, tmp_path):
+    """Each tool's directory as written: greedy tokens and every step's logits
+    equal the Python path's (k = 0)."""
+    err = assert_tool_parity(TOOLS / tool, tmp_path)
+    print(f"{tool}: {TOOL_STEPS} greedy tokens identical, max |dlogit| = {err:.3g}")
+
+
+def test_tool_checkpoint_k0_message_and_k_refused(tmp_path):
+    tool = TOOLS / "gptqmodel-w3g64-act"
+    proc = run_infer("--model", str(tool), "--ids", "1,2,3", "--max-new-tokens", "2")
+    assert "GPTQ checkpoint, no residual store; running the quantized model alone (k = 0)" in proc.stderr
+    assert f"qdec residual --quantized {tool} --reference" in proc.stderr
+    assert "14 quantized linears (gptq-v1)" in proc.stderr and "compensation: off" in proc.stderr
+    assert "checkpoint_format" not in proc.stderr  # given: no v1 warning
+    # the tools' word-level tokenizer is not one qdec_infer reads: with --ids it
+    # prints the token ids instead of refusing the run
+    assert "printing token ids instead of text" in proc.stderr
+    assert len(proc.stdout.strip().split(",")) == 2
+    run_infer("--model", str(tool), "--ids", "1,2,3", "--max-new-tokens", "2", "--k", "0")
+    for extra in (("--k", "0.05"), ("--k", "4"), ("--k-for", "down_proj=2")):
+        proc = run_infer("--model", str(tool), "--ids", "1", *extra, check=False)
+        assert proc.returncode == 1, extra
+        assert "GPTQ checkpoint with no residual store, so only k = 0 runs" in proc.stderr
+        assert f"qdec residual --quantized {tool} --reference" in proc.stderr
+    proc = run_infer("--model", str(TOOLS / "autoawq-gemm-w4g64"), "--ids", "1", "--max-new-tokens", "1")
+    assert "AutoAWQ checkpoint, no residual store" in proc.stderr
+    proc = run_infer("--model", str(TOOLS / "llmcompressor-w4a16-gptq"), "--ids", "1",
+                     "--max-new-tokens", "1")
+    assert "compressed-tensors checkpoint, no residual store" in proc.stderr
+
+
+def test_gptq_v2_zeros_and_unmarked_v1(tmp_path):
+    """The same GPTQ weights written with v2 zeros (checkpoint_format gptq_v2, act-order
+    kept) give the same logits as the tool's v1 file; a config without
+    checkpoint_format is read as v1, with a warning, as the Python reader does."""
+    from qdec.formats import write_gptq_checkpoint
+    from qdec.formats.foreign import read_quantized_checkpoint
+
+    src = TOOLS / "gptqmodel-w4g64-act"
+    ckpt = read_quantized_checkpoint(src)
+    v2 = tmp_path / "v2"
+    write_gptq_checkpoint(v2, ckpt.linears, ckpt.tensors, ckpt.hf_config, zero_convention="v2")
+    assert json.loads((v2 / "config.json").read_text())["quantization_config"][
+        "checkpoint_format"] == "gptq_v2"
+    assert_tool_parity(v2, tmp_path)
+    ids = tool_ids()
+    want, _ = cpp_greedy(src, ids, 4, tmp_path)
+    got, _ = cpp_greedy(v2, ids, 4, tmp_path)
+    assert (want - got).abs().max().item() <= TOOL_ATOL
+
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(src, unmarked)
+    for name in ("config.json", "quantize_config.json"):
+        cfg = json.loads((unmarked / name).read_text())
+        qc = cfg.get("quantization_config", cfg)
+        del qc["checkpoint_format"]
+        (unmarked / name).write_text(json.dumps(cfg))
+    proc = run_infer("--model", str(unmarked), "--ids", "1", "--max-new-tokens", "1")
+    assert "warning" in proc.stderr and "no checkpoint_format; reading zero points as v1" in proc.stderr
+    got, _ = cpp_greedy(unmarked, ids, 4, tmp_path)
+    assert torch.equal(want, got)
+
+
+def _shuffled_ct_checkpoint(tmp_path: Path, with_bias: bool) -> Path:
+    """llm-compressor's W4A16 GPTQ directory with one layer made act-order
+    (input channels shuffled, weight_g_idx added, as test_tool_checkpoints does)
+    and, optionally, biases on every MLP linear (mlp_bias)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import (
+        pack_to_int32,
+        unpack_from_int32,
+    )
+    from safetensors.torch import load_file
+
+    from qdec.formats import save_safetensors
+
+    d = tmp_path / "ct"
+    shutil.copytree(TOOLS / "llmcompressor-w4a16-gptq", d)
+    state = {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
+    name = "model.layers.1.mlp.down_proj"
+    N, K = state[f"{name}.weight_shape"].tolist()
+    signed = unpack_from_int32(state[f"{name}.weight_packed"], 4, torch.Size([N, K]))
+    pi = torch.randperm(K, generator=torch.Generator().manual_seed(0))
+    state[f"{name}.weight_packed"] = pack_to_int32(signed[:, pi].contiguous(), 4)
+    state[f"{name}.weight_g_idx"] = (pi // 64).to(torch.int32)
+    if with_bias:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["mlp_bias"] = True
+        (d / "config.json").write_text(json.dumps(cfg))
+        g = torch.Generator().manual_seed(1)
+        for layer in range(2):
+            for proj, n in (("gate_proj", 256), ("up_proj", 256), ("down_proj", 128)):
+                state[f"model.layers.{layer}.mlp.{proj}.bias"] = (
+                    torch.randn(n, generator=g) * 0.1).half()
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+    return d
+
+
+def test_compressed_tensors_act_order_and_bias(tmp_path):
+    """weight_g_idx becomes an input permutation and .bias tensors of quantized
+    linears are added, as in the Python reader."""
+    d = _shuffled_ct_checkpoint(tmp_path, with_bias=True)
+    assert_tool_parity(d, tmp_path)
+    # The biases are really applied: without them the logits move far.
+    ids = tool_ids()
+    with_bias, _ = cpp_greedy(d, ids, 1, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    plain, _ = cpp_greedy(_shuffled_ct_checkpoint(tmp_path / "nobias", with_bias=False), ids, 1,
+                          tmp_path)
+    assert (with_bias - plain).abs().max().item() > 100 * TOOL_ATOL
+    assert cfg["mlp_bias"]
+
+
+def test_tool_checkpoint_errors_name_file_tensor_and_shape(tmp_path):
+    from safetensors.torch import load_file
+
+    from qdec.formats import save_safetensors
+
+    d = tmp_path / "ct"
+    shutil.copytree(TOOLS / "llmcompressor-w4a16-gptq", d)
+    state = {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
+    name = "model.layers.0.mlp.gate_proj"
+    state[f"{name}.weight_zero_point"] = torch.zeros(4, 1, dtype=torch.int32)
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+    proc = run_infer("--model", str(d), "--ids", "1", check=False)
+    assert proc.returncode == 1
+    assert (f"{d / 'model.safetensors'}: tensor '{name}.weight_zero_point': is I32 [4, 1]; "
+            f"expected I32 [32, 2] (packed along N)") in proc.stderr
+
+    del state[f"{name}.weight_zero_point"]
+    save_safetensors(state, d / "model.safetensors", {"format": "pt"}, overwrite=True)
+    proc = run_infer("--model", str(d), "--ids", "1", check=False)
+    assert proc.returncode == 1
+    assert f"tensor '{name}.weight_zero_point': missing (the scheme is asymmetric)" in proc.stderr
+
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 5
+    (d / "config.json").write_text(json.dumps(cfg))
+    proc = run_infer("--model", str(d), "--ids", "1", check=False)
+    assert proc.returncode == 1
+    assert f"{d / 'config.json'}: config group 'group_0' weights: num_bits 5 is not supported" in proc.stderr
+
+    g = tmp_path / "gptq"
+    shutil.copytree(TOOLS / "gptqmodel-w4g64-act", g)
+    state = {k: v.clone() for k, v in load_file(str(g / "model.safetensors")).items()}
+    state["model.layers.0.mlp.up_proj.g_idx"] = torch.zeros(128, dtype=torch.int32)
+    save_safetensors(state, g / "model.safetensors", {"format": "pt"}, overwrite=True)
+    proc = run_infer("--model", str(g), "--ids", "1", check=False)
+    assert proc.returncode == 1
+    assert ("tensor 'model.layers.0.mlp.up_proj.g_idx': puts 128 channels in group 0; the QDEC "
+            "layout needs contiguous groups of G=64 (64 here)") in proc.stderr

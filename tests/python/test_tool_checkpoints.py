@@ -265,6 +265,12 @@ def test_generate_runs_a_tool_directory_at_k0(capsys):
     assert "compressed-tensors checkpoint, no residual store" in captured.err
     assert "qdec residual --quantized" in captured.err
     assert "--- k = 0.0%" in captured.out and "--- k = 2.0%" not in captured.out
+    # k > 0 needs a residual store: refused, not silently run at k = 0 (as qdec_infer)
+    rc = qdec_main(["generate", str(TOOLS / "llmcompressor-w4a16-gptq"), "--prompt", "The",
+                    "--max-new-tokens", "4", "--k", "0.05"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "compressed-tensors checkpoint with no residual store, so only k = 0 runs" in err
+    assert "qdec residual --quantized" in err
 
 
 def test_eval_scores_a_tool_directory_at_k0(tmp_path, capsys):

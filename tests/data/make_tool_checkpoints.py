@@ -52,8 +52,11 @@ CALIB = [
     "Numbers like 3.14159 and 2.71828 appear everywhere in science and engineering.",
     "The committee met on Tuesday to decide the budget for the next fiscal year.",
 ] * 4
-# Only these linears' dequantized weights are stored in expected.safetensors.
-EXPECTED_WEIGHTS_PREFIX = "model.layers.0."
+# Only these linears' dequantized weights are stored in expected.safetensors:
+# one of each shape the tiny model has (square, a narrow k/v output, the MLP's
+# wider input: one to four groups of 64), to keep the committed files small.
+EXPECTED_WEIGHTS = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                    "model.layers.0.mlp.down_proj")
 # A plain chat template (the messages' text, then the generation prompt).
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 EVAL_TEXT = "The tower was built in Paris for the fair."
@@ -76,10 +79,10 @@ def _save_expected(out: Path, logits: torch.Tensor, input_ids: torch.Tensor,
     from safetensors.torch import save_file
 
     tensors = {"logits": logits.float().contiguous(), "input_ids": input_ids.contiguous()}
-    # The first decoder layer's weights, in the tool's own dtype (the logits cover
-    # the rest): keeps the committed files small.
+    # Three of the first decoder layer's weights, in the tool's own dtype (the
+    # logits cover the rest).
     tensors.update({f"{k}.weight": v.contiguous() for k, v in weights.items()
-                    if k.startswith(EXPECTED_WEIGHTS_PREFIX)})
+                    if k in EXPECTED_WEIGHTS})
     save_file(tensors, str(out / "expected.safetensors"))
     (out / "tool_versions.json").write_text(json.dumps(versions, indent=1) + "\n")
 

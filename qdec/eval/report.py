@@ -75,7 +75,9 @@ def sweep_table(results: dict) -> str:
 def budget_table(results: dict) -> str:
     """Markdown: per variant with ``qdec eval --budget`` runs, uniform vs
     allocated k at each budget (equal bytes fetched per token): perplexity
-    and gap closed on the evaluation text and on the calibration text."""
+    and gap closed on the evaluation text and on the calibration text, the
+    candidate the calibration text chose (``allocated`` in results written
+    before the choice existed), and every candidate's calibration perplexity."""
     ref = results["reference"]["ppl"]
     lines = []
     for v in results["variants"]:
@@ -86,8 +88,8 @@ def budget_table(results: dict) -> str:
                      f"{v['budget']['gain_measure']}): reference {ref:.2f}, quantized "
                      f"{v['quantized']['ppl']:.2f}\n")
         lines.append("| budget | KiB fetched/token (uniform / allocated) | uniform | allocated "
-                     "| calibration text: uniform | allocated |")
-        lines.append("|---|---|---|---|---|---|")
+                     "| chosen on calibration | calibration text: uniform | allocated |")
+        lines.append("|---|---|---|---|---|---|---|")
         for spec in dict.fromkeys(r["budget"] for r in runs):
             u = next(r for r in runs if r["budget"] == spec and r["allocation"] == "uniform")
             a = next(r for r in runs if r["budget"] == spec and r["allocation"] == "allocated")
@@ -100,8 +102,20 @@ def budget_table(results: dict) -> str:
 
             lines.append(f"| {spec} | {u['fetched_bytes_per_token'] / 1024:.1f} / "
                          f"{a['fetched_bytes_per_token'] / 1024:.1f} | {cell(u)} | {cell(a)} | "
-                         f"{calib(u)} | {calib(a)} |")
+                         f"{a.get('choice', 'allocated')} | {calib(u)} | {calib(a)} |")
         lines.append("")
+        candidates = v["budget"].get("candidates")
+        if candidates:
+            names = [n for n in next(iter(candidates.values())) if n != "chosen"]
+            lines.append("Calibration-text perplexity of every candidate k map (the lowest "
+                         "is used; uniform on ties):\n")
+            lines.append("| budget | " + " | ".join(names) + " |")
+            lines.append("|---|" + "---|" * len(names))
+            for spec, c in candidates.items():
+                lines.append(f"| {spec} | " + " | ".join(
+                    f"**{math.exp(c[n]['calib_nll']):.3f}**" if n == c["chosen"]
+                    else f"{math.exp(c[n]['calib_nll']):.3f}" for n in names) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -119,6 +119,27 @@ def budget_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def group_scales_table(results: dict) -> str:
+    """Markdown: per variant with ``group_scales`` (:func:`qdec.budget.fit_group_scales`),
+    each group's measured calibration-loss drop against the gain curves'
+    prediction for the same step, and the scale the calibrated curves use."""
+    lines = []
+    for v in results["variants"]:
+        gs = v.get("budget", {}).get("group_scales")
+        if not gs:
+            continue
+        lines.append(f"**{v['label']}**: doubling each group's k at {gs['fraction']:.1%} uniform "
+                     f"(calibration NLL {gs['base_nll']:.4f}); all groups measured / predicted "
+                     f"{gs['overall_scale']:.2f}\n")
+        lines.append("| group | KiB added/token | measured drop (nats/token) | predicted | scale |")
+        lines.append("|---|---|---|---|---|")
+        for g, r in gs["groups"].items():
+            lines.append(f"| {g} | {r['bytes'] / 1024:.1f} | {r['measured']:.5f} | "
+                         f"{r['predicted']:.5f} | {r['scale']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot_budget(results: dict, path: Path) -> None:
     """Perplexity against KiB fetched per token, uniform vs allocated, one
     panel per variant with budget runs."""
@@ -172,6 +193,8 @@ def write_report(paths: list[Path], out_prefix: Path) -> dict[str, Path]:
     if any(v.get("budget", {}).get("runs") for v in results["variants"]):
         parts.append(f"## Fetch budget: uniform vs allocated k at equal bytes\n\n"
                      f"{budget_table(results)}\n")
+        if scales := group_scales_table(results):
+            parts.append(f"### Gain-curve scales fitted on calibration loss\n\n{scales}\n")
         written["budget_plot"] = out_prefix.with_name(out_prefix.name + "_budget.png")
         plot_budget(results, written["budget_plot"])
     costed = [v for v in results["variants"] if v.get("cost_comparison")]

@@ -128,6 +128,7 @@ def test_run_eval_budget_uniform_vs_allocated(tiny, tmp_path):
     assert written["budget_plot"].stat().st_size > 0
     md = written["table"].read_text()
     assert "| 5% | " in md and "| budget | uniform | allocated | calibrated | blend |" in md
+    assert "| proj:down_proj | " in md  # the fitted group scales
 
 
 def test_eval_cli_rejects_bad_budget(capsys):

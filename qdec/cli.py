@@ -302,8 +302,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     ks = result["k"]
     print(f"{args.checkpoint}: k map of {len(ks)} linears for budget {args.budget} "
           f"({result['budget_bytes'] / 1024:.1f} KiB/token; allocated "
-          f"{result['fetched_bytes_per_token'] / 1024:.1f} KiB/token); estimated gain "
-          f"{result['estimated_gain']:.4g} vs uniform {result['uniform_estimated_gain']:.4g}")
+          f"{result['fetched_bytes_per_token'] / 1024:.1f} KiB/token); chosen on calibration "
+          f"loss: {result['chosen']} (" + ", ".join(
+              f"{name} {c['calib_nll']:.4f}" for name, c in result["candidates"].items())
+          + " nats/token)")
     by_proj: dict[str, list[int]] = {}
     for name, k in ks.items():
         by_proj.setdefault(name.rsplit(".", 1)[-1], []).append(k)

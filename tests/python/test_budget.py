@@ -297,13 +297,18 @@ def test_allocate_checkpoint_stores_a_budgeted_map(ckpt, tiny, tmp_path):
     shutil.copytree(ckpt, path)
     result = qb.allocate_checkpoint(str(path), calib, "10%", progress=False)
     assert result["fetched_bytes_per_token"] <= result["budget_bytes"] > 0
-    assert result["estimated_gain"] >= result["uniform_estimated_gain"]
+    # the stored map is the candidate with the lowest calibration loss, never worse than uniform
+    cands = result["candidates"]
+    assert set(cands) == {"uniform", "allocated", "calibrated", "blend"}
+    assert cands[result["chosen"]]["calib_nll"] == min(c["calib_nll"] for c in cands.values())
+    assert result["fetched_bytes_per_token"] == cands[result["chosen"]]["fetched_bytes_per_token"]
     model = load_patched_checkpoint(str(path))
     assert {n: m.k for n, m in qdec_layers(model)} == result["k"]
     assert sum(m.fetched_bytes_per_token for _, m in qdec_layers(model)) == \
         result["fetched_bytes_per_token"]
     stored = json.loads((path / "config.json").read_text())["qdec"]["k_allocation"]
     assert stored["budget"] == "10%" and stored["calibration_tokens"] == calib.numel()
+    assert stored["chosen"] == result["chosen"]
     with pytest.raises(ValueError, match="gain measure must be one of"):
         qb.allocate_checkpoint(str(path), calib, "10%", gain_measure="loss", progress=False)
 

@@ -107,14 +107,21 @@ def budget_table(results: dict) -> str:
         candidates = v["budget"].get("candidates")
         if candidates:
             names = [n for n in next(iter(candidates.values())) if n != "chosen"]
+            on_test = {(r["budget"], r["choice"]): r for r in runs if "choice" in r}
             lines.append("Calibration-text perplexity of every candidate k map (the lowest "
-                         "is used; uniform on ties):\n")
+                         "is used, in bold; uniform on ties), and its evaluation-text "
+                         "perplexity (gap closed) where it was scored:\n")
             lines.append("| budget | " + " | ".join(names) + " |")
             lines.append("|---|" + "---|" * len(names))
             for spec, c in candidates.items():
-                lines.append(f"| {spec} | " + " | ".join(
-                    f"**{math.exp(c[n]['calib_nll']):.3f}**" if n == c["chosen"]
-                    else f"{math.exp(c[n]['calib_nll']):.3f}" for n in names) + " |")
+                cells = []
+                for n in names:
+                    cell = f"{math.exp(c[n]['calib_nll']):.3f}"
+                    cell = f"**{cell}**" if n == c["chosen"] else cell
+                    if (r := on_test.get((spec, n))) is not None:
+                        cell += f" / {r['ppl']:.2f} ({r['gap_closed']:.0%})"
+                    cells.append(cell)
+                lines.append(f"| {spec} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
 

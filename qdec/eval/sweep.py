@@ -86,6 +86,9 @@ class EvalConfig:
     # Windows of the calibration text also scored at each budget (does the
     # calibration-only choice transfer to the evaluation text?); 0 = none.
     budget_calib_windows: int = 2
+    # Also score the candidate k maps not chosen on the evaluation text (runs
+    # with allocation "candidate"): does the calibration ranking transfer?
+    budget_score_candidates: bool = False
 
 
 def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -242,7 +245,9 @@ def _budget_runs(qmodel, cfg: EvalConfig, calib: torch.Tensor, score, calib_wind
     ``cfg.budget_calib_windows`` windows of the calibration text; ``calib``
     when there are none), the lowest calibration NLL kept, uniform on ties
     (:func:`qdec.budget.plan_budgets`). Then uniform and the chosen map are
-    scored on the evaluation text (once when uniform is chosen). The chosen
+    scored on the evaluation text (once when uniform is chosen), and with
+    ``cfg.budget_score_candidates`` the other candidates too (allocation
+    ``"candidate"``; they never steer the choice). The chosen
     k maps are also written as a ``qdec tune`` config next to ``out``
     (``<stem>_<variant>_kmaps.json``) for ``qdec generate``/``qdec_infer``
     ``--tune-config``."""
@@ -280,14 +285,18 @@ def _budget_runs(qmodel, cfg: EvalConfig, calib: torch.Tensor, score, calib_wind
         if qb.parse_budget(spec)[0] == "fraction":
             k_maps[spec] = p["k"]
         uniform = None
-        for kind, choice in (("uniform", "uniform"), ("allocated", p["chosen"])):
+        scored = [("uniform", "uniform"), ("allocated", p["chosen"])]
+        if cfg.budget_score_candidates:
+            scored += [("candidate", name) for name in p["candidates"]
+                       if name not in ("uniform", p["chosen"])]
+        for kind, choice in scored:
             k_map = p["candidates"][choice]["k"]
             if kind == "allocated" and choice == "uniform":
                 r = dict(uniform)  # the same map: not scored twice
             else:
                 configure(qmodel, k=0, policy="dynamic")
                 configure(qmodel, k=k_map)
-                r = score(qmodel, f"{kind} {spec}")
+                r = score(qmodel, f"{choice if kind == 'candidate' else kind} {spec}")
             calib_nll = p["candidates"][choice]["calib_nll"]
             r.update(budget=spec, budget_bytes=p["budget_bytes"], allocation=kind, choice=choice,
                      fetched_bytes_per_token=qb.fetched_bytes(k_map, curves),

@@ -105,10 +105,17 @@ def test_run_eval_budget_uniform_vs_allocated(tiny, tmp_path):
     cfg = EvalConfig(text=tiny, calib_text=tiny, seq_len=64, max_windows=2,
                      variants=[Variant.parse("rtn:2:32")], fractions=[], policies=[],
                      calib_samples=2, calib_len=32, progress=False,
-                     budgets=["5%", "3000B"], budget_calib_windows=1)
+                     budgets=["5%", "3000B"], budget_calib_windows=1,
+                     budget_score_candidates=True)
     out = tmp_path / "eval.json"
     results = run_eval(cfg, out)
     b = results["variants"][0]["budget"]
+    extra = [r for r in b["runs"] if r["allocation"] == "candidate"]
+    for spec in ("5%", "3000B"):  # every candidate not chosen is scored on the text too
+        assert sorted(r["choice"] for r in extra if r["budget"] == spec) == sorted(
+            n for n in ("uniform", "allocated", "calibrated", "blend")
+            if n not in ("uniform", b["candidates"][spec]["chosen"]))
+    b["runs"] = [r for r in b["runs"] if r["allocation"] != "candidate"]
     assert [(r["budget"], r["allocation"]) for r in b["runs"]] == [
         ("5%", "uniform"), ("5%", "allocated"), ("3000B", "uniform"), ("3000B", "allocated")]
     for r in b["runs"]:

@@ -24,6 +24,13 @@ maximize the estimated reduction in model loss:
    problem), and fills what the hull steps leave with whole channels, so the
    chosen k map never exceeds the budget and leaves less than one channel's
    bytes unspent on any linear that could still grow.
+3. :func:`fit_group_scales` measures, with a few forward passes on calibration
+   tokens, how far the curves' predicted gains are from real loss drops per
+   projection type and depth group, and :func:`rescale_curves` corrects them.
+4. :func:`plan_budgets` scores candidate k maps (uniform, allocated on the raw
+   and on the rescaled curves, a blend) on calibration loss and keeps the
+   best, uniform on ties, so an allocation is used only where calibration
+   says it beats uniform.
 
 The k map (full linear name -> channel count) is stored in a checkpoint's
 ``quantization_config.k`` (:func:`qdec.formats.qdec_checkpoint.write_k_map`)

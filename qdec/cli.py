@@ -241,7 +241,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tune_config=Path(args.tune_config) if args.tune_config else None,
         tune_targets=args.tune_targets,
         budgets=args.budget, gain_measure=args.gain_measure,
-        budget_calib_windows=args.budget_calib_windows)
+        budget_calib_windows=args.budget_calib_windows,
+        budget_score_candidates=args.budget_score_candidates)
     if cfg.budgets:  # fail now, not after the reference pass
         from .budget import parse_budget
 
@@ -304,8 +305,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     ks = result["k"]
     print(f"{args.checkpoint}: k map of {len(ks)} linears for budget {args.budget} "
           f"({result['budget_bytes'] / 1024:.1f} KiB/token; allocated "
-          f"{result['fetched_bytes_per_token'] / 1024:.1f} KiB/token); estimated gain "
-          f"{result['estimated_gain']:.4g} vs uniform {result['uniform_estimated_gain']:.4g}")
+          f"{result['fetched_bytes_per_token'] / 1024:.1f} KiB/token); chosen on calibration "
+          f"loss: {result['chosen']} (" + ", ".join(
+              f"{name} {c['calib_nll']:.4f}" for name, c in result["candidates"].items())
+          + " nats/token)")
     by_proj: dict[str, list[int]] = {}
     for name, k in ks.items():
         by_proj.setdefault(name.rsplit(".", 1)[-1], []).append(k)
@@ -581,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="error measure of the allocation's gain curves (qdec.budget)")
     p.add_argument("--budget-calib-windows", type=A.int_at_least(0), default=2,
                    help="windows of the calibration text also scored at each budget")
+    p.add_argument("--budget-score-candidates", action="store_true",
+                   help="also score every candidate k map (not only uniform and the chosen "
+                        "one) on the evaluation text: shows whether the calibration ranking holds")
     p.add_argument("--out", default="results/eval.json",
                    help="results JSON (replaced if it exists); plots are written beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

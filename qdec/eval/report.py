@@ -75,7 +75,9 @@ def sweep_table(results: dict) -> str:
 def budget_table(results: dict) -> str:
     """Markdown: per variant with ``qdec eval --budget`` runs, uniform vs
     allocated k at each budget (equal bytes fetched per token): perplexity
-    and gap closed on the evaluation text and on the calibration text."""
+    and gap closed on the evaluation text and on the calibration text, the
+    candidate the calibration text chose (``allocated`` in results written
+    before the choice existed), and every candidate's calibration perplexity."""
     ref = results["reference"]["ppl"]
     lines = []
     for v in results["variants"]:
@@ -86,8 +88,8 @@ def budget_table(results: dict) -> str:
                      f"{v['budget']['gain_measure']}): reference {ref:.2f}, quantized "
                      f"{v['quantized']['ppl']:.2f}\n")
         lines.append("| budget | KiB fetched/token (uniform / allocated) | uniform | allocated "
-                     "| calibration text: uniform | allocated |")
-        lines.append("|---|---|---|---|---|---|")
+                     "| chosen on calibration | calibration text: uniform | allocated |")
+        lines.append("|---|---|---|---|---|---|---|")
         for spec in dict.fromkeys(r["budget"] for r in runs):
             u = next(r for r in runs if r["budget"] == spec and r["allocation"] == "uniform")
             a = next(r for r in runs if r["budget"] == spec and r["allocation"] == "allocated")
@@ -100,7 +102,47 @@ def budget_table(results: dict) -> str:
 
             lines.append(f"| {spec} | {u['fetched_bytes_per_token'] / 1024:.1f} / "
                          f"{a['fetched_bytes_per_token'] / 1024:.1f} | {cell(u)} | {cell(a)} | "
-                         f"{calib(u)} | {calib(a)} |")
+                         f"{a.get('choice', 'allocated')} | {calib(u)} | {calib(a)} |")
+        lines.append("")
+        candidates = v["budget"].get("candidates")
+        if candidates:
+            names = [n for n in next(iter(candidates.values())) if n != "chosen"]
+            on_test = {(r["budget"], r["choice"]): r for r in runs if "choice" in r}
+            lines.append("Calibration-text perplexity of every candidate k map (the lowest "
+                         "is used, in bold; uniform on ties), and its evaluation-text "
+                         "perplexity (gap closed) where it was scored:\n")
+            lines.append("| budget | " + " | ".join(names) + " |")
+            lines.append("|---|" + "---|" * len(names))
+            for spec, c in candidates.items():
+                cells = []
+                for n in names:
+                    cell = f"{math.exp(c[n]['calib_nll']):.3f}"
+                    cell = f"**{cell}**" if n == c["chosen"] else cell
+                    if (r := on_test.get((spec, n))) is not None:
+                        cell += f" / {r['ppl']:.2f} ({r['gap_closed']:.0%})"
+                    cells.append(cell)
+                lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def group_scales_table(results: dict) -> str:
+    """Markdown: per variant with ``group_scales`` (:func:`qdec.budget.fit_group_scales`),
+    each group's measured calibration-loss drop against the gain curves'
+    prediction for the same step, and the scale the calibrated curves use."""
+    lines = []
+    for v in results["variants"]:
+        gs = v.get("budget", {}).get("group_scales")
+        if not gs:
+            continue
+        lines.append(f"**{v['label']}**: doubling each group's k at {gs['fraction']:.1%} uniform "
+                     f"(calibration NLL {gs['base_nll']:.4f}); all groups measured / predicted "
+                     f"{gs['overall_scale']:.2f}\n")
+        lines.append("| group | KiB added/token | measured drop (nats/token) | predicted | scale |")
+        lines.append("|---|---|---|---|---|")
+        for g, r in gs["groups"].items():
+            lines.append(f"| {g} | {r['bytes'] / 1024:.1f} | {r['measured']:.5f} | "
+                         f"{r['predicted']:.5f} | {r['scale']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -158,6 +200,8 @@ def write_report(paths: list[Path], out_prefix: Path) -> dict[str, Path]:
     if any(v.get("budget", {}).get("runs") for v in results["variants"]):
         parts.append(f"## Fetch budget: uniform vs allocated k at equal bytes\n\n"
                      f"{budget_table(results)}\n")
+        if scales := group_scales_table(results):
+            parts.append(f"### Gain-curve scales fitted on calibration loss\n\n{scales}\n")
         written["budget_plot"] = out_prefix.with_name(out_prefix.name + "_budget.png")
         plot_budget(results, written["budget_plot"])
     costed = [v for v in results["variants"] if v.get("cost_comparison")]

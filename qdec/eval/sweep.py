@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -85,6 +86,9 @@ class EvalConfig:
     # Windows of the calibration text also scored at each budget (does the
     # calibration-only choice transfer to the evaluation text?); 0 = none.
     budget_calib_windows: int = 2
+    # Also score the candidate k maps not chosen on the evaluation text (runs
+    # with allocation "candidate"): does the calibration ranking transfer?
+    budget_score_candidates: bool = False
 
 
 def calibration_ids(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -167,20 +171,15 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
         "variants": [],
     }
     ref_ppl = results["reference"]["ppl"]
-    calib_text_ids = None
+    calib_windows = None  # the first windows of the calibration text, [n, seq_len]
     if cfg.budgets and cfg.budget_calib_windows:
         calib_text_ids = tokenizer(load_text(cfg.calib_text), return_tensors="pt").input_ids[0]
-
-    def calib_ppl(m, label: str) -> dict | None:
-        if calib_text_ids is None:
-            return None
-        r = perplexity(m, calib_text_ids, seq_len=cfg.seq_len,
-                       max_windows=cfg.budget_calib_windows, progress=cfg.progress,
-                       desc=f"{label} (calibration text)")
-        return {k: r[k] for k in ("ppl", "nll", "tokens", "windows", "seconds")}
-
-    if calib_text_ids is not None:
-        results["calib_reference"] = calib_ppl(model, "reference")
+        n = min(cfg.budget_calib_windows, calib_text_ids.numel() // cfg.seq_len)
+        calib_windows = calib_text_ids[:n * cfg.seq_len].view(n, cfg.seq_len)
+        r = perplexity(model, calib_windows.reshape(-1), seq_len=cfg.seq_len,
+                       progress=cfg.progress, desc="reference (calibration text)")
+        results["calib_reference"] = {k: r[k] for k in ("ppl", "nll", "tokens", "windows",
+                                                        "seconds")}
     for variant in cfg.variants:
         qmodel = copy.deepcopy(model)
         qres = quantize_model(qmodel, variant.method, variant.bits, variant.group_size,
@@ -216,7 +215,7 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
                          gap_closed=gap_closed(ref_ppl, base["ppl"], r["ppl"]))
                 entry["compensated"].append(r)
         if cfg.budgets:
-            entry["budget"] = _budget_runs(qmodel, cfg, calib, ppl, calib_ppl, results,
+            entry["budget"] = _budget_runs(qmodel, cfg, calib, ppl, calib_windows, results,
                                            base["ppl"], out, variant.label)
         if cfg.tune_config is not None:
             entry["tuned"] = _tuned_runs(qmodel, cfg, lambda m, label: ppl(
@@ -243,14 +242,21 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> dict:
     return results
 
 
-def _budget_runs(qmodel, cfg: EvalConfig, calib: torch.Tensor, score, calib_score,
+def _budget_runs(qmodel, cfg: EvalConfig, calib: torch.Tensor, score, calib_windows,
                  results: dict, base_ppl: float, out: Path | None, label: str) -> dict:
     """Uniform vs allocated k at each of ``cfg.budgets`` (equal bytes fetched
-    per token, dynamic policy): gain curves on the calibration windows, the
-    allocation (:mod:`qdec.budget`), perplexity on the evaluation text and on
-    the first windows of the calibration text. The k maps are also written as
-    a ``qdec tune`` config next to ``out`` (``<stem>_<variant>_kmaps.json``)
-    for ``qdec generate``/``qdec_infer`` ``--tune-config``."""
+    per token, dynamic policy). Everything the choice uses is calibration
+    text: gain curves and group scales on the calibration windows ``calib``,
+    the candidate k maps scored on ``calib_windows`` (the first
+    ``cfg.budget_calib_windows`` windows of the calibration text; ``calib``
+    when there are none), the lowest calibration NLL kept, uniform on ties
+    (:func:`qdec.budget.plan_budgets`). Then uniform and the chosen map are
+    scored on the evaluation text (once when uniform is chosen), and with
+    ``cfg.budget_score_candidates`` the other candidates too (allocation
+    ``"candidate"``; they never steer the choice). The chosen
+    k maps are also written as a ``qdec tune`` config next to ``out``
+    (``<stem>_<variant>_kmaps.json``) for ``qdec generate``/``qdec_infer``
+    ``--tune-config``."""
     from .. import budget as qb
 
     if cfg.gain_measure not in qb.GAIN_MEASURES:
@@ -259,41 +265,63 @@ def _budget_runs(qmodel, cfg: EvalConfig, calib: torch.Tensor, score, calib_scor
     t0 = time.time()
     all_curves = qb.measure_gain_curves(qmodel, calib, progress=cfg.progress)
     curves = all_curves[cfg.gain_measure]
+    curve_seconds = time.time() - t0
+    select = calib_windows if calib_windows is not None else calib
+    plan = qb.plan_budgets(qmodel, curves, calib, select, cfg.budgets, progress=cfg.progress)
     ref_ppl = results["reference"]["ppl"]
     calib_ref = results.get("calib_reference")
-    calib_base = calib_score(qmodel, f"{label} k=0")
-    section = {"gain_measure": cfg.gain_measure, "curve_seconds": round(time.time() - t0, 1),
-               "calib_quantized": calib_base, "runs": [],
+    calib_base = None
+    if calib_windows is not None:  # the gap closed on calibration text needs k = 0 there
+        nll = qb.calibration_nll(qmodel, calib_windows, {})
+        calib_base = {"ppl": math.exp(nll), "nll": nll, "windows": int(calib_windows.shape[0])}
+    section = {"gain_measure": cfg.gain_measure, "curve_seconds": round(curve_seconds, 1),
+               "plan_seconds": round(time.time() - t0 - curve_seconds, 1),
+               "selection_windows": "calibration text" if calib_windows is not None
+               else "calibration samples",
+               "calib_quantized": calib_base, "group_scales": plan["group_scales"],
+               "runs": [], "candidates": {},
                "curves": {m: {n: c.to_json() for n, c in cs.items()}
                           for m, cs in all_curves.items()}}
     k_maps = {}
-    for spec in cfg.budgets:
-        parsed = qb.parse_budget(spec)
-        budget_bytes = qb.budget_bytes(curves, parsed)
-        allocated = qb.allocate(curves, budget_bytes)
-        if parsed[0] == "fraction":
-            k_maps[spec] = allocated
-        for kind, k_map in (("uniform", qb.uniform_k_map(curves, parsed)),
-                            ("allocated", allocated)):
-            configure(qmodel, k=0, policy="dynamic")
-            configure(qmodel, k=k_map)
-            r = score(qmodel, f"{kind} {spec}")
-            r.update(budget=spec, budget_bytes=budget_bytes, allocation=kind,
-                     fetched_bytes_per_token=sum(m.fetched_bytes_per_token
-                                                 for _, m in _layers(qmodel)),
+    for spec, p in plan["budgets"].items():
+        section["candidates"][spec] = {
+            "chosen": p["chosen"],
+            **{name: {key: v for key, v in c.items() if key != "k"}
+               for name, c in p["candidates"].items()}}
+        if qb.parse_budget(spec)[0] == "fraction":
+            k_maps[spec] = p["k"]
+        uniform = None
+        scored = [("uniform", "uniform"), ("allocated", p["chosen"])]
+        if cfg.budget_score_candidates:
+            scored += [("candidate", name) for name in p["candidates"]
+                       if name not in ("uniform", p["chosen"])]
+        for kind, choice in scored:
+            k_map = p["candidates"][choice]["k"]
+            if kind == "allocated" and choice == "uniform":
+                r = dict(uniform)  # the same map: not scored twice
+            else:
+                configure(qmodel, k=0, policy="dynamic")
+                configure(qmodel, k=k_map)
+                r = score(qmodel, f"{choice if kind == 'candidate' else kind} {spec}")
+            calib_nll = p["candidates"][choice]["calib_nll"]
+            r.update(budget=spec, budget_bytes=p["budget_bytes"], allocation=kind, choice=choice,
+                     fetched_bytes_per_token=qb.fetched_bytes(k_map, curves),
                      estimated_gain=qb.estimated_gain(k_map, curves),
-                     gap_closed=gap_closed(ref_ppl, base_ppl, r["ppl"]), k=k_map)
+                     gap_closed=gap_closed(ref_ppl, base_ppl, r["ppl"]), k=k_map,
+                     calib_nll=calib_nll, calib_ppl=math.exp(calib_nll))
             if calib_base is not None:
-                c = calib_score(qmodel, f"{kind} {spec}")
-                r.update(calib_ppl=c["ppl"], calib_gap_closed=gap_closed(
-                    calib_ref["ppl"], calib_base["ppl"], c["ppl"]))
+                r["calib_gap_closed"] = gap_closed(calib_ref["ppl"], calib_base["ppl"],
+                                                   r["calib_ppl"])
+            if kind == "uniform":
+                uniform = r
             section["runs"].append(r)
     configure(qmodel, k=0)
     if out is not None and k_maps:
         slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower())
         path = out.with_name(f"{out.stem}_{slug}_kmaps.json")
-        write_json(qb.tune_config_for(k_maps, curves, {"variant": label,
-                                                        "gain_measure": cfg.gain_measure}), path)
+        write_json(qb.tune_config_for(k_maps, curves, {
+            "variant": label, "gain_measure": cfg.gain_measure,
+            "chosen": {spec: p["chosen"] for spec, p in plan["budgets"].items()}}), path)
         section["tune_config"] = str(path)
     return section
 

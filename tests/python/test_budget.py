@@ -70,12 +70,17 @@ def test_allocate_respects_budget_exactly():
             curves[f"l{i}"] = qb.GainCurve(ks, gains, rng.choice([3, 8, 96]), K)
         full = sum(c.in_features * c.bytes_per_channel for c in curves.values())
         budget = rng.randint(0, full + 50)
-        k_map = qb.allocate(curves, budget)
+        # half the trials with a floor (the blend candidate), within the budget
+        floor = {n: rng.randint(0, c.in_features // 2) for n, c in curves.items()}
+        if trial % 2 or qb.fetched_bytes(floor, curves) > budget:
+            floor = {}
+        k_map = qb.allocate(curves, budget, floor=floor)
         spent = qb.fetched_bytes(k_map, curves)
         assert spent <= budget
         for name, c in curves.items():
-            top = qb._hull(c)[-1][0]
-            assert 0 <= k_map[name] <= top
+            start = floor.get(name, 0)
+            top = max(start, qb._hull(c, start)[-1][0])
+            assert start <= k_map[name] <= top
             if k_map[name] < top:
                 assert budget - spent < c.bytes_per_channel, (trial, name)
 
@@ -112,6 +117,18 @@ def test_allocate_prefers_gain_per_byte():
     assert qb.allocate(curves, 4) == {"cheap": 4, "dear": 0, "useless": 0}
     assert qb.allocate(curves, 12) == {"cheap": 4, "dear": 2, "useless": 0}
     assert qb.allocate(curves, 0) == {"cheap": 0, "dear": 0, "useless": 0}
+
+
+def test_allocate_above_a_floor():
+    curves = {"a": _curve([0, 4, 8], [0, 4.0, 5.0], per=1), "b": _curve([0, 4, 8], [0, 2.0, 3.0],
+                                                                         per=1)}
+    assert qb.allocate(curves, 8) == {"a": 4, "b": 4}
+    # b's floor is paid first; the hull above it starts at b's interpolated gain
+    assert qb.allocate(curves, 8, floor={"b": 6}) == {"a": 2, "b": 6}
+    assert qb._hull(curves["b"], 6) == [(6, 2.5), (8, 3.0)]
+    with pytest.raises(ValueError, match="the floor fetches 10 bytes per token, more than the "
+                                         "budget of 8"):
+        qb.allocate(curves, 8, floor={"a": 5, "b": 5})
 
 
 def test_allocate_rejects_bad_input():
@@ -280,13 +297,18 @@ def test_allocate_checkpoint_stores_a_budgeted_map(ckpt, tiny, tmp_path):
     shutil.copytree(ckpt, path)
     result = qb.allocate_checkpoint(str(path), calib, "10%", progress=False)
     assert result["fetched_bytes_per_token"] <= result["budget_bytes"] > 0
-    assert result["estimated_gain"] >= result["uniform_estimated_gain"]
+    # the stored map is the candidate with the lowest calibration loss, never worse than uniform
+    cands = result["candidates"]
+    assert set(cands) == {"uniform", "allocated", "calibrated", "blend"}
+    assert cands[result["chosen"]]["calib_nll"] == min(c["calib_nll"] for c in cands.values())
+    assert result["fetched_bytes_per_token"] == cands[result["chosen"]]["fetched_bytes_per_token"]
     model = load_patched_checkpoint(str(path))
     assert {n: m.k for n, m in qdec_layers(model)} == result["k"]
     assert sum(m.fetched_bytes_per_token for _, m in qdec_layers(model)) == \
         result["fetched_bytes_per_token"]
     stored = json.loads((path / "config.json").read_text())["qdec"]["k_allocation"]
     assert stored["budget"] == "10%" and stored["calibration_tokens"] == calib.numel()
+    assert stored["chosen"] == result["chosen"]
     with pytest.raises(ValueError, match="gain measure must be one of"):
         qb.allocate_checkpoint(str(path), calib, "10%", gain_measure="loss", progress=False)
 
@@ -313,3 +335,80 @@ def test_allocation_summary():
     assert s["projection"]["up_proj"]["mean_fraction"] == pytest.approx(5 / 100 / 6)
     assert set(s["depth"]) == {"layers 0-1", "layers 2-3", "layers 4-5"}
     assert sum(v["byte_share"] for v in s["depth"].values()) == pytest.approx(1.0)
+
+
+# ------------------------------------------ calibration-checked allocation
+
+def test_groups_cover_every_linear_once_per_kind():
+    names = [f"model.layers.{i}.{p}" for i in range(7) for p in ("self_attn.q_proj", "mlp.up_proj")]
+    groups = qb.linear_groups(names)
+    assert set(groups) == {"proj:q_proj", "proj:up_proj", "depth:layers 0-2", "depth:layers 3-5",
+                           "depth:layers 6-6"}
+    for kind in ("proj:", "depth:"):
+        members = [n for g, ns in groups.items() if g.startswith(kind) for n in ns]
+        assert sorted(members) == sorted(names)
+
+
+def test_select_k_map_falls_back_to_uniform(monkeypatch):
+    """The lowest calibration NLL wins; uniform wins ties (an allocation must
+    beat it to be used); identical maps are scored once."""
+    scored = []
+
+    def fake_nll(model, windows, k_map):
+        scored.append(dict(k_map))
+        return {1: 2.0, 2: 2.5, 3: 1.5}[k_map["a"]]
+
+    monkeypatch.setattr(qb, "calibration_nll", fake_nll)
+    worse = {"uniform": {"a": 1}, "allocated": {"a": 2}}
+    assert qb.select_k_map(None, worse, None, progress=False) == (
+        "uniform", {"uniform": 2.0, "allocated": 2.5})
+    tie = {"uniform": {"a": 1}, "allocated": {"a": 2}, "blend": {"a": 1}}
+    assert qb.select_k_map(None, tie, None, progress=False)[0] == "uniform"
+    assert scored[-1] == {"a": 2}  # blend equals uniform: not scored again
+    better = {"uniform": {"a": 1}, "allocated": {"a": 2}, "calibrated": {"a": 3}}
+    assert qb.select_k_map(None, better, None, progress=False)[0] == "calibrated"
+
+
+def test_calibration_nll_is_the_decode_faithful_perplexity(tiny):
+    from qdec.eval.perplexity import perplexity
+
+    _, qmodel, _, calib = tiny
+    layers = dict(qdec_layers(qmodel))
+    k_map = {n: 3 for n in layers}
+    configure(qmodel, k=0, policy="random", simulate_dense=False)
+    nll = qb.calibration_nll(qmodel, calib, k_map)
+    assert all(m.k == 0 and m.policy == "random" and not m.simulate_dense
+               for m in layers.values())  # settings restored
+    configure(qmodel, k=k_map, policy="dynamic", simulate_dense=True, compensate_prefill=True)
+    ref = perplexity(qmodel, calib.reshape(-1), seq_len=calib.shape[1], progress=False)
+    assert nll == pytest.approx(ref["nll"], rel=1e-6)
+    configure(qmodel, k=0, simulate_dense=False)
+
+
+def test_plan_budgets_never_worse_than_uniform_on_calibration(tiny):
+    """On the tiny model: scales for every group, every candidate within the
+    budget (uniform exactly), the chosen map the lowest calibration NLL."""
+    _, qmodel, _, calib = tiny
+    curves = qb.measure_gain_curves(qmodel, calib, progress=False)["fisher"]
+    plan = qb.plan_budgets(qmodel, curves, calib, calib[:2], ["10%", "30%", "2000B"],
+                           progress=False)
+    scales = plan["group_scales"]
+    full = sum(c.in_features * c.bytes_per_channel for c in curves.values())
+    median = sorted([2000 / full, 0.1, 0.3])[1]
+    assert scales["fraction"] == pytest.approx(median, rel=0.1)  # the median budget
+    assert set(scales["scales"]) == set(curves) and all(v > 0 for v in scales["scales"].values())
+    assert set(scales["groups"]) == set(qb.linear_groups(list(curves)))
+    for spec, p in plan["budgets"].items():
+        cands = p["candidates"]
+        assert list(cands) == ["uniform", "allocated", "calibrated", "blend"]
+        for c in cands.values():
+            assert c["fetched_bytes_per_token"] <= p["budget_bytes"]
+        if spec.endswith("%"):
+            assert cands["uniform"]["fetched_bytes_per_token"] == p["budget_bytes"]
+        assert all(cands["blend"]["k"][n] >= k // 2 for n, k in cands["uniform"]["k"].items())
+        assert cands[p["chosen"]]["calib_nll"] == min(c["calib_nll"] for c in cands.values())
+        assert cands[p["chosen"]]["calib_nll"] <= cands["uniform"]["calib_nll"]
+        assert p["k"] == cands[p["chosen"]]["k"]
+        # the recorded NLL is the map's real calibration NLL
+        assert qb.calibration_nll(qmodel, calib[:2], p["k"]) == pytest.approx(
+            cands[p["chosen"]]["calib_nll"])

@@ -105,10 +105,17 @@ def test_run_eval_budget_uniform_vs_allocated(tiny, tmp_path):
     cfg = EvalConfig(text=tiny, calib_text=tiny, seq_len=64, max_windows=2,
                      variants=[Variant.parse("rtn:2:32")], fractions=[], policies=[],
                      calib_samples=2, calib_len=32, progress=False,
-                     budgets=["5%", "3000B"], budget_calib_windows=1)
+                     budgets=["5%", "3000B"], budget_calib_windows=1,
+                     budget_score_candidates=True)
     out = tmp_path / "eval.json"
     results = run_eval(cfg, out)
     b = results["variants"][0]["budget"]
+    extra = [r for r in b["runs"] if r["allocation"] == "candidate"]
+    for spec in ("5%", "3000B"):  # every candidate not chosen is scored on the text too
+        assert sorted(r["choice"] for r in extra if r["budget"] == spec) == sorted(
+            n for n in ("uniform", "allocated", "calibrated", "blend")
+            if n not in ("uniform", b["candidates"][spec]["chosen"]))
+    b["runs"] = [r for r in b["runs"] if r["allocation"] != "candidate"]
     assert [(r["budget"], r["allocation"]) for r in b["runs"]] == [
         ("5%", "uniform"), ("5%", "allocated"), ("3000B", "uniform"), ("3000B", "allocated")]
     for r in b["runs"]:
@@ -116,13 +123,19 @@ def test_run_eval_budget_uniform_vs_allocated(tiny, tmp_path):
         assert r["calib_ppl"] > 0 and "calib_gap_closed" in r
     uniform5 = b["runs"][0]
     assert uniform5["fetched_bytes_per_token"] == uniform5["budget_bytes"]  # 5 % exactly
-    assert b["runs"][1]["estimated_gain"] >= uniform5["estimated_gain"]
+    # the map used never does worse than uniform on the calibration text that chose it
+    for u, a in (b["runs"][0:2], b["runs"][2:4]):
+        assert a["calib_nll"] <= u["calib_nll"] and a["choice"] in b["candidates"][a["budget"]]
+        assert b["candidates"][a["budget"]]["chosen"] == a["choice"]
+    assert set(b["group_scales"]["groups"]) >= {"proj:down_proj", "depth:layers 0-0"}
     fractions = load_config(b["tune_config"], "5%")
     assert {n: round(f * 64 if "down_proj" not in n else f * 160) for n, f in fractions.items()} \
         == b["runs"][1]["k"]
     written = write_report([out], tmp_path / "report")
     assert written["budget_plot"].stat().st_size > 0
-    assert "| 5% | " in written["table"].read_text()
+    md = written["table"].read_text()
+    assert "| 5% | " in md and "| budget | uniform | allocated | calibrated | blend |" in md
+    assert "| proj:down_proj | " in md  # the fitted group scales
 
 
 def test_eval_cli_rejects_bad_budget(capsys):

@@ -65,12 +65,17 @@ inline void outlier_select_row(const float* x, int64_t K, int64_t k, int64_t* ou
   constexpr int kShift = 20;  // top 11 bits of a non-negative float: exponent + 3
   constexpr int kBuckets = 1 << 11;
   uint32_t hist[kBuckets] = {};
+  uint32_t max_key = 0;
   for (int64_t i = 0; i < K; ++i) {
     keys[i] = outlier_key_bits(x[i]);
     ++hist[keys[i] >> kShift];
+    max_key = std::max(max_key, keys[i]);
   }
   int64_t above = 0;  // keys in buckets above the threshold's
-  int top = kBuckets - 1;
+  // The walk down starts at the highest occupied bucket: activations of
+  // magnitude ~1-100 fill buckets ~1016-1070, and walking down from 2047 was
+  // ~1000 dependent steps per call, more than the rest at K = 576.
+  int top = static_cast<int>(max_key >> kShift);
   for (; top > 0 && above + hist[top] < k; --top) above += hist[top];
   int64_t m = 0;
   for (int64_t i = 0; i < K; ++i)
